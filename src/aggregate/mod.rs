@@ -1,0 +1,100 @@
+//! The aggregates, as pure state machines over decoded changes.
+//!
+//! Each aggregate is a GROUP BY over the current Postgres state (the contract
+//! in the README). A change contributes `after - before` to the keys it
+//! touches, so any stream of c/u/d/r events converges to that GROUP BY.
+//!
+//! State is kept per (aggregate key, source partition) together with the
+//! offset of the last event applied to it. An event at or below a key's stored
+//! offset is skipped, so replaying a partition from any earlier offset changes
+//! nothing: this is what makes the ClickHouse rows exactly-once without
+//! transactions (see `state`).
+
+mod kinds;
+mod state;
+
+pub use kinds::{
+    CustomerTotals, CustomersByMinute, OrderTotals, OrdersByMinute, ProductInfo, ProductSales,
+    Products, SalesTotals,
+};
+pub use state::{AggregateState, StoredRow};
+
+use std::fmt::Debug;
+use std::hash::Hash;
+
+use arrayvec::ArrayVec;
+
+use crate::cdc::{Table, TableChange};
+
+/// A Kafka partition of the aggregate's source topic.
+pub type Partition = i32;
+/// A Kafka offset within a partition.
+pub type Offset = i64;
+
+/// How one change moves one key's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update<V> {
+    /// Add this delta (sums: `after - before`).
+    Add(V),
+    /// Replace the value (dimensions: the latest row wins).
+    Set(V),
+}
+
+/// The updates of one change: at most two keys (the before key and the
+/// after key), each key at most once.
+pub type Updates<K, V> = ArrayVec<(K, Update<V>), 2>;
+
+pub trait Aggregate: Unpin + 'static {
+    /// The aggregate's name: the ClickHouse table and the `aggregate` field
+    /// of `replay`'s output.
+    const NAME: &'static str;
+    /// The source table whose changes feed it.
+    const SOURCE: Table;
+    type Key: Clone + Eq + Hash + Ord + Debug + Send + Unpin + 'static;
+    type Value: Measure;
+
+    /// The updates one change of `SOURCE` makes; none for other tables.
+    fn updates(change: &TableChange) -> Updates<Self::Key, Self::Value>;
+}
+
+/// A value the aggregate state can hold.
+pub trait Measure: Clone + Default + PartialEq + Debug + Send + Unpin + 'static {
+    fn apply(&mut self, update: &Update<Self>);
+    /// Summed over source partitions: how a key's total is read back.
+    fn merge(&mut self, other: &Self);
+    /// A row that would be all zeros is left out of reports.
+    fn is_empty(&self) -> bool;
+}
+
+/// For sum aggregates: a row's contribution to its key.
+pub(crate) trait Contribution: Sized {
+    fn plus(&self, other: &Self) -> Self;
+    fn minus(&self, other: &Self) -> Self;
+    fn is_zero(&self) -> bool;
+}
+
+/// The updates of a change to a sum aggregate: subtract what the before row
+/// contributed, add what the after row contributes, one update per key.
+pub(crate) fn sum_updates<K: PartialEq, V: Contribution + Default>(
+    before: Option<(K, V)>,
+    after: Option<(K, V)>,
+) -> Updates<K, V> {
+    let mut updates = Updates::new();
+    match (before, after) {
+        (Some((kb, vb)), Some((ka, va))) if kb == ka => {
+            let delta = va.minus(&vb);
+            if !delta.is_zero() {
+                updates.push((ka, Update::Add(delta)));
+            }
+        }
+        (before, after) => {
+            if let Some((k, v)) = before {
+                updates.push((k, Update::Add(V::default().minus(&v))));
+            }
+            if let Some((k, v)) = after {
+                updates.push((k, Update::Add(v)));
+            }
+        }
+    }
+    updates
+}

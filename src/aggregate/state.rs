@@ -1,0 +1,161 @@
+//! Keyed aggregate state with a per-(key, partition) offset guard.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::{Aggregate, Measure, Offset, Partition};
+use crate::cdc::TableChange;
+
+#[derive(Debug, Clone)]
+struct Entry<V> {
+    value: V,
+    /// Offset of the last event applied to this (key, partition).
+    offset: Offset,
+    /// Changed since the last flush.
+    dirty: bool,
+}
+
+/// One (key, partition) row as it is stored in the sink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRow<K, V> {
+    pub key: K,
+    pub partition: Partition,
+    pub value: V,
+    pub offset: Offset,
+}
+
+/// The running state of one aggregate over the partitions this process owns.
+pub struct AggregateState<A: Aggregate> {
+    entries: HashMap<(A::Key, Partition), Entry<A::Value>>,
+    /// Per partition, the highest offset handed to this state (applied,
+    /// skipped, or without effect): what a flush makes safe to commit.
+    watermarks: HashMap<Partition, Offset>,
+}
+
+impl<A: Aggregate> Default for AggregateState<A> {
+    fn default() -> Self {
+        AggregateState {
+            entries: HashMap::new(),
+            watermarks: HashMap::new(),
+        }
+    }
+}
+
+/// What applying one event did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub keys_updated: u32,
+    /// Keys whose stored offset already covers the event (a replay).
+    pub keys_skipped: u32,
+}
+
+impl<A: Aggregate> AggregateState<A> {
+    /// Applies the change at `offset` of `partition` to every key it touches
+    /// whose stored offset is below `offset`.
+    pub fn apply(&mut self, partition: Partition, offset: Offset, change: &TableChange) -> Applied {
+        self.observe(partition, offset);
+        let mut applied = Applied::default();
+        for (key, update) in A::updates(change) {
+            let entry = self
+                .entries
+                .entry((key, partition))
+                .or_insert_with(|| Entry {
+                    value: A::Value::default(),
+                    offset: -1,
+                    dirty: false,
+                });
+            if offset <= entry.offset {
+                applied.keys_skipped += 1;
+                continue;
+            }
+            entry.value.apply(&update);
+            entry.offset = offset;
+            entry.dirty = true;
+            applied.keys_updated += 1;
+        }
+        applied
+    }
+
+    /// Records that the event at `offset` was handed over, even if it had no
+    /// effect here (a tombstone, say), so the commit can move past it.
+    pub fn observe(&mut self, partition: Partition, offset: Offset) {
+        let w = self.watermarks.entry(partition).or_insert(-1);
+        *w = (*w).max(offset);
+    }
+
+    /// The highest offset of `partition` handed to this state.
+    pub fn watermark(&self, partition: Partition) -> Option<Offset> {
+        self.watermarks.get(&partition).copied()
+    }
+
+    pub fn watermarks(&self) -> impl Iterator<Item = (Partition, Offset)> + '_ {
+        self.watermarks.iter().map(|(p, o)| (*p, *o))
+    }
+
+    /// The rows changed since the last flush.
+    pub fn dirty_rows(&self) -> Vec<StoredRow<A::Key, A::Value>> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.dirty)
+            .map(|((key, partition), e)| StoredRow {
+                key: key.clone(),
+                partition: *partition,
+                value: e.value.clone(),
+                offset: e.offset,
+            })
+            .collect()
+    }
+
+    pub fn dirty_count(&self) -> usize {
+        self.entries.values().filter(|e| e.dirty).count()
+    }
+
+    /// Marks rows as written, unless an event changed them since.
+    pub fn mark_flushed(&mut self, rows: &[StoredRow<A::Key, A::Value>]) {
+        for row in rows {
+            if let Some(e) = self.entries.get_mut(&(row.key.clone(), row.partition)) {
+                if e.offset == row.offset {
+                    e.dirty = false;
+                }
+            }
+        }
+    }
+
+    /// Takes rows read back from the sink, e.g. after a restart or when a
+    /// partition is assigned: the offset guard starts from their offsets.
+    pub fn load(&mut self, rows: impl IntoIterator<Item = StoredRow<A::Key, A::Value>>) {
+        for row in rows {
+            self.entries.insert(
+                (row.key, row.partition),
+                Entry {
+                    value: row.value,
+                    offset: row.offset,
+                    dirty: false,
+                },
+            );
+        }
+    }
+
+    /// Forgets a partition this process no longer owns.
+    pub fn release(&mut self, partition: Partition) {
+        self.entries.retain(|(_, p), _| *p != partition);
+        self.watermarks.remove(&partition);
+    }
+
+    /// Each key's value summed over partitions, leaving out empty ones.
+    pub fn totals(&self) -> BTreeMap<A::Key, A::Value> {
+        let mut totals: BTreeMap<A::Key, A::Value> = BTreeMap::new();
+        for ((key, _), entry) in &self.entries {
+            totals.entry(key.clone()).or_default().merge(&entry.value);
+        }
+        totals.retain(|_, v| !v.is_empty());
+        totals
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}

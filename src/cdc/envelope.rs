@@ -1,0 +1,224 @@
+//! The Debezium envelope: `{before, after, source, op, ts_ms}`, either bare
+//! (JsonConverter with schemas off) or as `{schema, payload}` (schemas on).
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::field::{ColumnSchema, Row, SchemaNode};
+use super::tables::SourceRow;
+use super::{Change, DecodeError, DecodeErrorKind, Op, Table, TableChange};
+use crate::telemetry;
+
+/// What one Kafka record of a captured table's topic means.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    Change(TableChange),
+    /// The null-valued record Debezium writes after a delete (for compaction).
+    Tombstone,
+    /// `op = t`. The processor's policy (see README, "Truncate") is to count
+    /// and log it, not to apply it: a truncate carries no rows to subtract.
+    Truncate,
+}
+
+/// Both envelope shapes in one pass: `payload` (+ `schema`) when schemas are
+/// on, the envelope fields at the top when they are off.
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    schema: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    // Not `#[serde(flatten)] Envelope`: flatten cannot hold borrowed RawValues.
+    #[serde(borrow, default)]
+    before: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    after: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    op: Option<&'a str>,
+}
+
+#[derive(Deserialize, Default)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    before: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    after: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    op: Option<&'a str>,
+}
+
+fn malformed(what: impl std::fmt::Display) -> DecodeError {
+    DecodeError::new(DecodeErrorKind::MalformedJson, what.to_string())
+}
+
+/// Decodes the value of one record from `table`'s topic.
+pub fn decode(table: Table, value: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+    let bytes = match value {
+        None => return Ok(Decoded::Tombstone),
+        Some(b) if b.trim_ascii() == b"null" => return Ok(Decoded::Tombstone),
+        Some(b) => b,
+    };
+    let message: Message = serde_json::from_slice(bytes).map_err(malformed)?;
+    let (envelope, schema) = match message.payload {
+        Some(payload) => {
+            let envelope: Envelope = serde_json::from_str(payload.get()).map_err(malformed)?;
+            (envelope, message.schema)
+        }
+        None => (
+            Envelope {
+                before: message.before,
+                after: message.after,
+                op: message.op,
+            },
+            None,
+        ),
+    };
+    let op = match envelope.op {
+        Some("c") => Op::Create,
+        Some("u") => Op::Update,
+        Some("d") => Op::Delete,
+        Some("r") => Op::Read,
+        Some("t") => return Ok(Decoded::Truncate),
+        Some(other) => {
+            return Err(DecodeError::new(
+                DecodeErrorKind::UnknownOp,
+                format!("op {other:?}"),
+            ))
+        }
+        None => return Err(malformed("not a Debezium envelope: no op field")),
+    };
+    let columns: Vec<ColumnSchema> = match schema {
+        Some(raw) => serde_json::from_str::<SchemaNode>(raw.get())
+            .map_err(|e| malformed(format!("schema: {e}")))?
+            .row_columns()?,
+        None => Vec::new(),
+    };
+    let schema = schema.map(|_| columns.as_slice());
+    let before = envelope.before;
+    let after = envelope.after;
+    Ok(Decoded::Change(match table {
+        Table::Customers => TableChange::Customer(change(table, op, before, after, schema)?),
+        Table::Products => TableChange::Product(change(table, op, before, after, schema)?),
+        Table::Orders => TableChange::Order(change(table, op, before, after, schema)?),
+        Table::OrderItems => TableChange::OrderItem(change(table, op, before, after, schema)?),
+    }))
+}
+
+fn change<R: SourceRow>(
+    table: Table,
+    op: Op,
+    before: Option<&RawValue>,
+    after: Option<&RawValue>,
+    schema: Option<&[ColumnSchema]>,
+) -> Result<Change<R>, DecodeError> {
+    let needs_before = matches!(op, Op::Update | Op::Delete);
+    let needs_after = !matches!(op, Op::Delete);
+    if needs_before && before.is_none() {
+        return Err(DecodeError::new(
+            DecodeErrorKind::MissingBefore,
+            format!(
+                "{table} op {}: no before image (the table needs REPLICA IDENTITY FULL)",
+                op.as_str()
+            ),
+        ));
+    }
+    if needs_after && after.is_none() {
+        return Err(DecodeError::new(
+            DecodeErrorKind::MissingAfter,
+            format!("{table} op {}: no after image", op.as_str()),
+        ));
+    }
+    let read = |image: Option<&RawValue>| -> Result<Option<R>, DecodeError> {
+        let Some(raw) = image else { return Ok(None) };
+        let row = Row::parse(raw, schema)?;
+        for column in row.column_names() {
+            if !R::COLUMNS.contains(&column) {
+                telemetry::unknown_column(table, column);
+            }
+        }
+        R::read(&row).map(Some)
+    };
+    Ok(Change {
+        op,
+        // An update's before image is what the deltas subtract; a create's
+        // or read's before is always null, a delete's after too.
+        before: if needs_before { read(before)? } else { None },
+        after: if needs_after { read(after)? } else { None },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cdc::Order;
+    use rust_decimal::Decimal;
+    use std::str::FromStr;
+
+    fn order_change(value: &str) -> Change<Order> {
+        match decode(Table::Orders, Some(value.as_bytes())).unwrap() {
+            Decoded::Change(TableChange::Order(c)) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const ORDER_AFTER: &str = r#"{"id":7,"customer_id":1,"status":"paid","total_amount":"45.48",
+        "created_at":"2024-02-01T09:00:10.250000Z","updated_at":"2024-02-01T09:05:00Z"}"#;
+
+    #[test]
+    fn schemas_off_create() {
+        let c = order_change(&format!(
+            r#"{{"before":null,"after":{ORDER_AFTER},"op":"c","ts_ms":1}}"#
+        ));
+        assert_eq!(c.op, Op::Create);
+        let after = c.after.unwrap();
+        assert_eq!((after.id, after.status.as_str()), (7, "paid"));
+        assert_eq!(after.total_amount, Decimal::from_str("45.48").unwrap());
+        assert_eq!(after.created_at.timestamp_micros(), 1_706_778_010_250_000);
+        assert!(c.before.is_none());
+    }
+
+    #[test]
+    fn schemas_on_precise_decimal_and_micro_timestamp() {
+        let value = r#"{"schema":{"type":"struct","fields":[
+            {"type":"struct","optional":true,"field":"before","fields":[]},
+            {"type":"struct","optional":true,"field":"after","fields":[
+              {"type":"int64","field":"id"},
+              {"type":"string","field":"status"},
+              {"type":"bytes","name":"org.apache.kafka.connect.data.Decimal",
+               "parameters":{"scale":"2","connect.decimal.precision":"12"},"field":"total_amount"},
+              {"type":"int64","name":"io.debezium.time.MicroTimestamp","field":"created_at"}]}]},
+          "payload":{"before":null,"after":{"id":7,"status":"paid","total_amount":"DqU=",
+            "created_at":1706778010000000},"op":"r"}}"#;
+        let after = order_change(value).after.unwrap();
+        assert_eq!(after.total_amount.to_string(), "37.49");
+        assert_eq!(after.created_at.timestamp(), 1_706_778_010);
+    }
+
+    #[test]
+    fn update_without_before_is_an_error_not_a_guess() {
+        let value = format!(r#"{{"before":null,"after":{ORDER_AFTER},"op":"u"}}"#);
+        let err = decode(Table::Orders, Some(value.as_bytes())).unwrap_err();
+        assert_eq!(err.kind, DecodeErrorKind::MissingBefore);
+    }
+
+    #[test]
+    fn tombstones_truncates_and_bad_input() {
+        assert_eq!(decode(Table::Orders, None).unwrap(), Decoded::Tombstone);
+        let t = r#"{"before":null,"after":null,"op":"t"}"#;
+        assert_eq!(
+            decode(Table::Orders, Some(t.as_bytes())).unwrap(),
+            Decoded::Truncate
+        );
+        let kind = |v: &str| decode(Table::Orders, Some(v.as_bytes())).unwrap_err().kind;
+        assert_eq!(kind("{not json"), DecodeErrorKind::MalformedJson);
+        assert_eq!(kind(r#"{"op":"x","after":{}}"#), DecodeErrorKind::UnknownOp);
+        assert_eq!(
+            kind(r#"{"before":null,"after":{"id":"seven"},"op":"c"}"#),
+            DecodeErrorKind::BadField
+        );
+        assert_eq!(
+            kind(r#"{"before":{},"after":null,"op":"c"}"#),
+            DecodeErrorKind::MissingAfter
+        );
+    }
+}

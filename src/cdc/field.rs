@@ -1,0 +1,367 @@
+//! Column values as Debezium's JsonConverter writes them.
+//!
+//! With schemas on, the schema says how a column is encoded (a decimal's
+//! scale, a timestamp's unit); with schemas off we read what the JSON shows.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+
+use base64::Engine as _;
+use chrono::{DateTime, TimeZone, Utc};
+use rust_decimal::Decimal;
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use super::{DecodeError, DecodeErrorKind};
+
+const CONNECT_DECIMAL: &str = "org.apache.kafka.connect.data.Decimal";
+const VARIABLE_SCALE_DECIMAL: &str = "io.debezium.data.VariableScaleDecimal";
+const CONNECT_TIMESTAMP_MILLIS: &str = "org.apache.kafka.connect.data.Timestamp";
+const TIMESTAMP_MILLIS: &str = "io.debezium.time.Timestamp";
+const TIMESTAMP_MICROS: &str = "io.debezium.time.MicroTimestamp";
+const TIMESTAMP_NANOS: &str = "io.debezium.time.NanoTimestamp";
+
+/// What the schema says about one column (schemas on only).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct ColumnSchema<'a> {
+    pub column: Cow<'a, str>,
+    /// Connect logical type, e.g. `org.apache.kafka.connect.data.Decimal`.
+    pub logical: Option<Cow<'a, str>>,
+    /// A fixed-scale decimal's scale.
+    pub scale: Option<u32>,
+}
+
+/// One row image (`before` or `after`): its columns in message order, values
+/// still raw JSON, and the schema of its columns when the message had one.
+pub(crate) struct Row<'a> {
+    columns: Vec<(&'a str, &'a RawValue)>,
+    schema: Option<&'a [ColumnSchema<'a>]>,
+}
+
+impl<'a> Row<'a> {
+    pub fn parse(
+        raw: &'a RawValue,
+        schema: Option<&'a [ColumnSchema<'a>]>,
+    ) -> Result<Self, DecodeError> {
+        let columns = serde_json::from_str::<RawColumns<'a>>(raw.get())
+            .map_err(|e| {
+                DecodeError::new(DecodeErrorKind::MalformedJson, format!("row image: {e}"))
+            })?
+            .0;
+        Ok(Row { columns, schema })
+    }
+
+    pub fn column_names(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.columns.iter().map(|(name, _)| *name)
+    }
+
+    fn raw(&self, column: &str) -> Result<&'a RawValue, DecodeError> {
+        self.columns
+            .iter()
+            .find(|(name, _)| *name == column)
+            .map(|(_, value)| *value)
+            .ok_or_else(|| bad_field(column, "column is missing"))
+    }
+
+    fn schema_of(&self, column: &str) -> Option<&ColumnSchema<'a>> {
+        self.schema?.iter().find(|c| c.column == column)
+    }
+
+    pub fn i64(&self, column: &str) -> Result<i64, DecodeError> {
+        let raw = self.raw(column)?;
+        raw.get()
+            .parse::<i64>()
+            .map_err(|_| bad_field(column, format!("expected an integer, got {}", raw.get())))
+    }
+
+    pub fn string(&self, column: &str) -> Result<String, DecodeError> {
+        let raw = self.raw(column)?;
+        serde_json::from_str::<String>(raw.get())
+            .map_err(|_| bad_field(column, format!("expected a string, got {}", raw.get())))
+    }
+
+    /// A decimal in any of Debezium's `decimal.handling.mode`s: `string`
+    /// ("37.49"), `double` (37.49) or `precise` (base64 unscaled integer whose
+    /// scale is in the schema; readable only with schemas on).
+    pub fn decimal(&self, column: &str) -> Result<Decimal, DecodeError> {
+        let raw = self.raw(column)?;
+        let text = raw.get();
+        let logical = self.schema_of(column).and_then(|c| c.logical.as_deref());
+        match logical {
+            Some(CONNECT_DECIMAL) => {
+                let scale = self
+                    .schema_of(column)
+                    .and_then(|c| c.scale)
+                    .ok_or_else(|| bad_field(column, "decimal schema without a scale parameter"))?;
+                let encoded: Cow<str> = serde_json::from_str(text).map_err(|_| {
+                    bad_field(column, format!("expected a base64 string, got {text}"))
+                })?;
+                precise_decimal(&encoded, scale).map_err(|why| bad_field(column, why))
+            }
+            Some(VARIABLE_SCALE_DECIMAL) => {
+                #[derive(Deserialize)]
+                struct Variable<'s> {
+                    scale: u32,
+                    #[serde(borrow)]
+                    value: Cow<'s, str>,
+                }
+                let v: Variable = serde_json::from_str(text).map_err(|_| {
+                    bad_field(column, format!("expected {{scale, value}}, got {text}"))
+                })?;
+                precise_decimal(&v.value, v.scale).map_err(|why| bad_field(column, why))
+            }
+            _ => textual_decimal(text).map_err(|why| bad_field(column, why)),
+        }
+    }
+
+    /// A timestamp as an ISO-8601 string (timestamptz: ZonedTimestamp) or as
+    /// an integer since the epoch, whose unit the schema names; without a
+    /// schema the unit is inferred from the magnitude (see [`epoch_to_utc`]).
+    pub fn timestamp(&self, column: &str) -> Result<DateTime<Utc>, DecodeError> {
+        let raw = self.raw(column)?;
+        let text = raw.get();
+        if text.starts_with('"') {
+            let iso: Cow<str> = serde_json::from_str(text)
+                .map_err(|_| bad_field(column, format!("expected a timestamp, got {text}")))?;
+            return DateTime::parse_from_rfc3339(&iso)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| bad_field(column, format!("{iso:?} is not ISO-8601: {e}")));
+        }
+        let n: i64 = text
+            .parse()
+            .map_err(|_| bad_field(column, format!("expected a timestamp, got {text}")))?;
+        let unit = match self.schema_of(column).and_then(|c| c.logical.as_deref()) {
+            Some(TIMESTAMP_MILLIS | CONNECT_TIMESTAMP_MILLIS) => EpochUnit::Millis,
+            Some(TIMESTAMP_MICROS) => EpochUnit::Micros,
+            Some(TIMESTAMP_NANOS) => EpochUnit::Nanos,
+            _ => EpochUnit::infer(n),
+        };
+        epoch_to_utc(n, unit).ok_or_else(|| bad_field(column, format!("{n} is out of range")))
+    }
+}
+
+fn bad_field(column: &str, why: impl fmt::Display) -> DecodeError {
+    DecodeError::new(DecodeErrorKind::BadField, format!("column {column}: {why}"))
+}
+
+/// A decimal written as text: a JSON string ("37.49") or a JSON number
+/// (37.49, 1.0E-4). Parsing the number's text keeps it exact.
+fn textual_decimal(text: &str) -> Result<Decimal, String> {
+    let digits = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    let parsed = if digits.contains(['e', 'E']) {
+        Decimal::from_scientific(digits)
+    } else {
+        Decimal::from_str(digits)
+    };
+    parsed.map_err(|_| {
+        if text.starts_with('"') {
+            format!(
+                "{text} is not a decimal (a base64 `precise` decimal needs schemas on; \
+                 or set decimal.handling.mode=string)"
+            )
+        } else {
+            format!("{text} is not a decimal")
+        }
+    })
+}
+
+/// Connect's Decimal: base64 of a big-endian two's-complement unscaled integer.
+pub(crate) fn precise_decimal(encoded: &str, scale: u32) -> Result<Decimal, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|e| format!("{encoded:?} is not base64: {e}"))?;
+    if bytes.is_empty() || bytes.len() > 16 {
+        return Err(format!("unscaled value of {} bytes", bytes.len()));
+    }
+    let negative = bytes[0] & 0x80 != 0;
+    let mut unscaled: i128 = if negative { -1 } else { 0 };
+    for b in bytes {
+        unscaled = (unscaled << 8) | i128::from(b);
+    }
+    Decimal::try_from_i128_with_scale(unscaled, scale).map_err(|e| format!("{e}"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EpochUnit {
+    Millis,
+    Micros,
+    Nanos,
+}
+
+impl EpochUnit {
+    /// Without a schema the unit is not written down. Millis below 10^13 cover
+    /// 1970-2286, micros below 10^16 cover 1970-2286 too beyond 10^13 (i.e.
+    /// from 1970-04-27); anything larger is nanos.
+    fn infer(n: i64) -> EpochUnit {
+        match n.unsigned_abs() {
+            0..10_000_000_000_000 => EpochUnit::Millis,
+            10_000_000_000_000..10_000_000_000_000_000 => EpochUnit::Micros,
+            _ => EpochUnit::Nanos,
+        }
+    }
+}
+
+pub(crate) fn epoch_to_utc(n: i64, unit: EpochUnit) -> Option<DateTime<Utc>> {
+    match unit {
+        EpochUnit::Millis => Utc.timestamp_millis_opt(n).single(),
+        EpochUnit::Micros => Utc.timestamp_micros(n).single(),
+        EpochUnit::Nanos => Some(Utc.timestamp_nanos(n)),
+    }
+}
+
+/// The start of a UTC minute, as seconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Minute(pub i64);
+
+impl Minute {
+    pub fn of(t: DateTime<Utc>) -> Minute {
+        Minute(t.timestamp().div_euclid(60) * 60)
+    }
+}
+
+impl fmt::Display for Minute {
+    /// `2024-02-01T09:00:00Z`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match Utc.timestamp_opt(self.0, 0).single() {
+            Some(t) => write!(f, "{}", t.format("%Y-%m-%dT%H:%M:%SZ")),
+            None => write!(f, "@{}", self.0),
+        }
+    }
+}
+
+/// A JSON object read as (column, raw value) pairs without copying.
+struct RawColumns<'a>(Vec<(&'a str, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for RawColumns<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ColumnsVisitor;
+        impl<'de> Visitor<'de> for ColumnsVisitor {
+            type Value = RawColumns<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a row object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut columns = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(name) = map.next_key::<&'de str>()? {
+                    columns.push((name, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(RawColumns(columns))
+            }
+        }
+        deserializer.deserialize_map(ColumnsVisitor)
+    }
+}
+
+/// The parts of a Connect schema node that we read.
+#[derive(Deserialize)]
+pub(crate) struct SchemaNode<'a> {
+    #[serde(borrow, default)]
+    pub field: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub parameters: Option<SchemaParameters<'a>>,
+    #[serde(borrow, default)]
+    pub fields: Vec<SchemaNode<'a>>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct SchemaParameters<'a> {
+    #[serde(borrow, default)]
+    pub scale: Option<Cow<'a, str>>,
+}
+
+impl<'a> SchemaNode<'a> {
+    /// The columns of the envelope's `after` (or `before`) row struct.
+    pub fn row_columns(self) -> Result<Vec<ColumnSchema<'a>>, DecodeError> {
+        let row = self.fields.into_iter().find(|f| {
+            matches!(f.field.as_deref(), Some("after" | "before")) && !f.fields.is_empty()
+        });
+        let Some(row) = row else {
+            return Ok(Vec::new());
+        };
+        row.fields
+            .into_iter()
+            .map(|f| {
+                let scale = match f.parameters.as_ref().and_then(|p| p.scale.as_deref()) {
+                    Some(s) => Some(s.parse::<u32>().map_err(|_| {
+                        DecodeError::new(
+                            DecodeErrorKind::MalformedJson,
+                            format!("schema scale {s:?}"),
+                        )
+                    })?),
+                    None => None,
+                };
+                Ok(ColumnSchema {
+                    column: f.field.unwrap_or_default(),
+                    logical: f.name,
+                    scale,
+                })
+            })
+            .collect()
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Minute {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <Cow<str>>::deserialize(deserializer)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|t| Minute::of(t.with_timezone(&Utc)))
+            .map_err(de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precise_decimals_are_twos_complement_with_the_schema_scale() {
+        // 3749 = 0x0EA5 -> "DqU="; -1 = 0xFF -> "/w=="; 128 needs a leading 0x00.
+        assert_eq!(precise_decimal("DqU=", 2).unwrap().to_string(), "37.49");
+        assert_eq!(precise_decimal("/w==", 2).unwrap().to_string(), "-0.01");
+        assert_eq!(precise_decimal("AIA=", 0).unwrap().to_string(), "128");
+        assert!(precise_decimal("not base64!", 2).is_err());
+    }
+
+    #[test]
+    fn textual_decimals_keep_every_digit() {
+        assert_eq!(textual_decimal("\"37.49\"").unwrap().to_string(), "37.49");
+        assert_eq!(textual_decimal("37.49").unwrap().to_string(), "37.49");
+        assert_eq!(textual_decimal("1.0E-4").unwrap().to_string(), "0.00010");
+        let err = textual_decimal("\"DqU=\"").unwrap_err();
+        assert!(err.contains("schemas on"), "{err}");
+    }
+
+    #[test]
+    fn epoch_units_follow_the_magnitude_without_a_schema() {
+        let t = Utc.with_ymd_and_hms(2024, 2, 1, 9, 0, 10).unwrap();
+        for (n, unit) in [
+            (t.timestamp_millis(), EpochUnit::Millis),
+            (t.timestamp_micros(), EpochUnit::Micros),
+            (t.timestamp_nanos_opt().unwrap(), EpochUnit::Nanos),
+        ] {
+            assert_eq!(EpochUnit::infer(n), unit);
+            assert_eq!(epoch_to_utc(n, unit), Some(t));
+        }
+    }
+
+    #[test]
+    fn minutes_print_as_utc_iso() {
+        let t = DateTime::parse_from_rfc3339("2024-02-01T10:00:59.999999+01:00").unwrap();
+        assert_eq!(
+            Minute::of(t.with_timezone(&Utc)).to_string(),
+            "2024-02-01T09:00:00Z"
+        );
+        let before_epoch = DateTime::parse_from_rfc3339("1969-12-31T23:59:30Z").unwrap();
+        assert_eq!(
+            Minute::of(before_epoch.with_timezone(&Utc)).to_string(),
+            "1969-12-31T23:59:00Z"
+        );
+    }
+}

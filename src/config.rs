@@ -1,0 +1,415 @@
+//! Configuration: environment variables, optionally on top of a TOML file.
+//!
+//! Every setting is an `ETL_*` variable; the file (`ETL_CONFIG_FILE`) uses the
+//! same names in lower case without the prefix (`ETL_FLUSH_INTERVAL_MS` ->
+//! `flush_interval_ms`). The environment wins. A bad value stops start-up with
+//! an error that names the setting, where it came from, and why.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub clickhouse: ClickHouseConfig,
+    pub flush: FlushConfig,
+    /// Postgres connection URL; only `reconcile` needs it.
+    pub postgres_url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    /// Debezium's `topic.prefix`: topics are `<prefix>.public.<table>`.
+    pub topic_prefix: String,
+    pub session_timeout: Duration,
+    /// At most this many records are handed on per partition and batch.
+    pub batch_max_records: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClickHouseConfig {
+    pub url: String,
+    pub database: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub validation: Validation,
+}
+
+/// The clickhouse crate's row validation needs a server that speaks
+/// RowBinaryWithNamesAndTypes; old servers (18.x) do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validation {
+    /// On for servers that support it, off otherwise.
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlushConfig {
+    /// Aggregates are written at least this often while they change.
+    pub interval: Duration,
+    /// ... and as soon as this many rows are dirty.
+    pub max_rows: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("setting {name} ({origin}): {why}")]
+    Invalid {
+        name: String,
+        origin: Origin,
+        why: String,
+    },
+    #[error("setting {name} is required: {why}")]
+    Missing { name: String, why: String },
+    #[error("config file {path}: {why}")]
+    File { path: String, why: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Origin {
+    Environment,
+    File(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Environment => f.write_str("from the environment"),
+            Origin::File(path) => write!(f, "from {path}"),
+        }
+    }
+}
+
+/// Raw settings by `ETL_*` name, with where each came from.
+pub struct Settings {
+    values: HashMap<String, (String, Origin)>,
+}
+
+impl Settings {
+    /// The process environment over the file named by `ETL_CONFIG_FILE`.
+    pub fn from_process() -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let file = match env.get("ETL_CONFIG_FILE") {
+            Some(path) => Some((
+                path.clone(),
+                std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                    path: path.clone(),
+                    why: e.to_string(),
+                })?,
+            )),
+            None => None,
+        };
+        Settings::from_sources(env, file)
+    }
+
+    pub fn from_sources(
+        env: HashMap<String, String>,
+        file: Option<(String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut values = HashMap::new();
+        if let Some((path, text)) = file {
+            let table: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::File {
+                        path: path.clone(),
+                        why: e.to_string(),
+                    })?;
+            for (key, value) in table {
+                let name = format!("ETL_{}", key.to_ascii_uppercase());
+                if !KNOWN.contains(&name.as_str()) {
+                    return Err(ConfigError::File {
+                        path,
+                        why: format!("unknown setting {key:?} (known: {})", known_file_keys()),
+                    });
+                }
+                let text = match value {
+                    toml::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                values.insert(name, (text, Origin::File(path.clone())));
+            }
+        }
+        for (name, value) in env {
+            if name.starts_with("ETL_") {
+                values.insert(name, (value, Origin::Environment));
+            }
+        }
+        Ok(Settings { values })
+    }
+
+    fn raw(&self, name: &str) -> Option<&(String, Origin)> {
+        self.values.get(name).filter(|(v, _)| !v.trim().is_empty())
+    }
+
+    fn string(&self, name: &str, default: &str) -> String {
+        self.raw(name)
+            .map(|(v, _)| v.trim().to_owned())
+            .unwrap_or_else(|| default.to_owned())
+    }
+
+    fn optional(&self, name: &str) -> Option<String> {
+        self.raw(name).map(|(v, _)| v.trim().to_owned())
+    }
+
+    fn parsed<T>(
+        &self,
+        name: &str,
+        default: T,
+        check: impl Fn(&T) -> Result<(), String>,
+    ) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        let Some((text, origin)) = self.raw(name) else {
+            return Ok(default);
+        };
+        let invalid = |why: String| ConfigError::Invalid {
+            name: name.to_owned(),
+            origin: origin.clone(),
+            why,
+        };
+        let value = text
+            .trim()
+            .parse::<T>()
+            .map_err(|e| invalid(format!("{text:?}: {e}")))?;
+        check(&value).map_err(|why| invalid(format!("{text:?}: {why}")))?;
+        Ok(value)
+    }
+
+    fn millis(
+        &self,
+        name: &str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<Duration, ConfigError> {
+        let ms = self.parsed(name, default, |&ms| {
+            if (min..=max).contains(&ms) {
+                Ok(())
+            } else {
+                Err(format!("must be between {min} and {max} milliseconds"))
+            }
+        })?;
+        Ok(Duration::from_millis(ms))
+    }
+
+    fn url(&self, name: &str, default: &str, schemes: &[&str]) -> Result<String, ConfigError> {
+        let url = self.string(name, default);
+        if !schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
+            let origin = self
+                .raw(name)
+                .map(|(_, o)| o.clone())
+                .unwrap_or(Origin::Environment);
+            return Err(ConfigError::Invalid {
+                name: name.to_owned(),
+                origin,
+                why: format!("{url:?} is not a {} URL", schemes.join(" or ")),
+            });
+        }
+        Ok(url)
+    }
+}
+
+/// Every setting, by environment name.
+const KNOWN: &[&str] = &[
+    "ETL_CONFIG_FILE",
+    "ETL_KAFKA_BROKERS",
+    "ETL_KAFKA_GROUP_ID",
+    "ETL_TOPIC_PREFIX",
+    "ETL_KAFKA_SESSION_TIMEOUT_MS",
+    "ETL_BATCH_MAX_RECORDS",
+    "ETL_CLICKHOUSE_URL",
+    "ETL_CLICKHOUSE_DATABASE",
+    "ETL_CLICKHOUSE_USER",
+    "ETL_CLICKHOUSE_PASSWORD",
+    "ETL_CLICKHOUSE_VALIDATION",
+    "ETL_FLUSH_INTERVAL_MS",
+    "ETL_FLUSH_MAX_ROWS",
+    "ETL_POSTGRES_URL",
+];
+
+fn known_file_keys() -> String {
+    KNOWN
+        .iter()
+        .filter(|n| **n != "ETL_CONFIG_FILE")
+        .map(|n| n.trim_start_matches("ETL_").to_ascii_lowercase())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl FromStr for Validation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Validation::Auto),
+            "on" | "true" => Ok(Validation::On),
+            "off" | "false" => Ok(Validation::Off),
+            _ => Err("expected auto, on or off".into()),
+        }
+    }
+}
+
+fn at_least(min: usize) -> impl Fn(&usize) -> Result<(), String> {
+    move |&v| {
+        if v >= min {
+            Ok(())
+        } else {
+            Err(format!("must be at least {min}"))
+        }
+    }
+}
+
+impl Config {
+    pub fn from_process() -> Result<Config, ConfigError> {
+        Config::from_settings(&Settings::from_process()?)
+    }
+
+    pub fn from_settings(s: &Settings) -> Result<Config, ConfigError> {
+        let brokers = s.string("ETL_KAFKA_BROKERS", "127.0.0.1:9092");
+        if brokers.split(',').any(|b| {
+            b.trim()
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+        }) {
+            return Err(ConfigError::Invalid {
+                name: "ETL_KAFKA_BROKERS".into(),
+                origin: s
+                    .raw("ETL_KAFKA_BROKERS")
+                    .map(|(_, o)| o.clone())
+                    .unwrap_or(Origin::Environment),
+                why: format!("{brokers:?} is not a comma-separated list of host:port"),
+            });
+        }
+        Ok(Config {
+            kafka: KafkaConfig {
+                brokers,
+                group_id: s.string("ETL_KAFKA_GROUP_ID", "etl-processor"),
+                topic_prefix: s.string("ETL_TOPIC_PREFIX", "online_store"),
+                session_timeout: s.millis(
+                    "ETL_KAFKA_SESSION_TIMEOUT_MS",
+                    10_000,
+                    1_000,
+                    300_000,
+                )?,
+                batch_max_records: s.parsed("ETL_BATCH_MAX_RECORDS", 5_000, at_least(1))?,
+            },
+            clickhouse: ClickHouseConfig {
+                url: s.url(
+                    "ETL_CLICKHOUSE_URL",
+                    "http://127.0.0.1:8123",
+                    &["http", "https"],
+                )?,
+                database: s.string("ETL_CLICKHOUSE_DATABASE", "analytics"),
+                user: s.optional("ETL_CLICKHOUSE_USER"),
+                password: s.optional("ETL_CLICKHOUSE_PASSWORD"),
+                validation: s.parsed("ETL_CLICKHOUSE_VALIDATION", Validation::Auto, |_| Ok(()))?,
+            },
+            flush: FlushConfig {
+                interval: s.millis("ETL_FLUSH_INTERVAL_MS", 1_000, 10, 60_000)?,
+                max_rows: s.parsed("ETL_FLUSH_MAX_ROWS", 50_000, at_least(1))?,
+            },
+            postgres_url: match s.optional("ETL_POSTGRES_URL") {
+                Some(_) => Some(s.url("ETL_POSTGRES_URL", "", &["postgres", "postgresql"])?),
+                None => None,
+            },
+        })
+    }
+
+    /// For `reconcile`, which cannot work without Postgres.
+    pub fn require_postgres(&self) -> Result<&str, ConfigError> {
+        self.postgres_url.as_deref().ok_or_else(|| ConfigError::Missing {
+            name: "ETL_POSTGRES_URL".into(),
+            why: "reconcile reads the source tables (e.g. postgres://user@host:5432/online_store)".into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(env: &[(&str, &str)], file: Option<&str>) -> Result<Config, ConfigError> {
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let file = file.map(|t| ("etl.toml".to_string(), t.to_string()));
+        Config::from_settings(&Settings::from_sources(env, file)?)
+    }
+
+    #[test]
+    fn defaults_need_no_settings() {
+        let c = config(&[], None).unwrap();
+        assert_eq!(c.flush.interval, Duration::from_secs(1));
+        assert_eq!(c.kafka.topic_prefix, "online_store");
+        assert_eq!(c.clickhouse.validation, Validation::Auto);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let c = config(
+            &[("ETL_FLUSH_INTERVAL_MS", "250")],
+            Some("flush_interval_ms = 500\nclickhouse_database = \"stats\""),
+        )
+        .unwrap();
+        assert_eq!(c.flush.interval, Duration::from_millis(250));
+        assert_eq!(c.clickhouse.database, "stats");
+    }
+
+    #[test]
+    fn bad_values_name_the_setting_and_the_reason() {
+        let err = config(&[("ETL_FLUSH_INTERVAL_MS", "soon")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("setting ETL_FLUSH_INTERVAL_MS (from the environment): \"soon\""),
+            "{err}"
+        );
+        let err = config(&[], Some("flush_interval_ms = 0"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "setting ETL_FLUSH_INTERVAL_MS (from etl.toml): \"0\": must be between 10 and 60000 milliseconds");
+        let err = config(&[("ETL_KAFKA_BROKERS", "localhost")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ETL_KAFKA_BROKERS") && err.contains("host:port"),
+            "{err}"
+        );
+        let err = config(&[("ETL_CLICKHOUSE_URL", "127.0.0.1:8123")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ETL_CLICKHOUSE_URL") && err.contains("http"),
+            "{err}"
+        );
+        let err = config(&[], Some("flush_intervl_ms = 5"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown setting \"flush_intervl_ms\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn reconcile_requires_postgres() {
+        let err = config(&[], None)
+            .unwrap()
+            .require_postgres()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("setting ETL_POSTGRES_URL is required"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,270 @@
+//! `etl-processor reconcile`: each aggregate's GROUP BY over the current
+//! Postgres state against what ClickHouse holds, to the cent.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::Context as _;
+use clickhouse::Row;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+use crate::aggregate::{Aggregate, CustomersByMinute, OrdersByMinute, ProductSales, Products};
+use crate::cdc::Minute;
+use crate::replay::money;
+use crate::sink::ClickHouseSink;
+
+/// An aggregate row reduced to comparable text, keyed for ordered output.
+type Side = BTreeMap<Key, String>;
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    pub aggregate: &'static str,
+    /// What the key is sorted by (a minute's seconds, a product id).
+    order: i64,
+    pub label: String,
+}
+
+/// A key whose rows differ; `None` where a side has no (non-zero) row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub key: Key,
+    pub postgres: Option<String>,
+    pub clickhouse: Option<String>,
+}
+
+impl fmt::Display for Difference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let side = |s: &Option<String>| s.clone().unwrap_or_else(|| "no row".into());
+        write!(
+            f,
+            "{} {}: postgres {} | clickhouse {}",
+            self.key.aggregate,
+            self.key.label,
+            side(&self.postgres),
+            side(&self.clickhouse)
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Keys compared, over all aggregates.
+    pub compared: usize,
+    pub differences: Vec<Difference>,
+}
+
+impl Report {
+    pub fn is_exact(&self) -> bool {
+        self.differences.is_empty()
+    }
+}
+
+/// Compares every aggregate. Errors only when a side cannot be read.
+pub async fn reconcile(postgres_url: &str, sink: &ClickHouseSink) -> anyhow::Result<Report> {
+    let (pg, connection) = tokio_postgres::connect(postgres_url, tokio_postgres::NoTls)
+        .await
+        .context("connecting to Postgres (setting ETL_POSTGRES_URL)")?;
+    let connection = tokio::spawn(connection);
+    // One snapshot for all four queries, so they see one state.
+    pg.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let mut expected = Side::new();
+    let mut actual = Side::new();
+    postgres_side(&pg, &mut expected).await?;
+    pg.batch_execute("COMMIT").await?;
+    drop(pg);
+    let _ = connection.await;
+    clickhouse_side(sink, &mut actual).await?;
+
+    let mut report = Report::default();
+    let keys: std::collections::BTreeSet<&Key> = expected.keys().chain(actual.keys()).collect();
+    report.compared = keys.len();
+    for key in keys {
+        let (p, c) = (expected.get(key), actual.get(key));
+        if p != c {
+            report.differences.push(Difference {
+                key: key.clone(),
+                postgres: p.cloned(),
+                clickhouse: c.cloned(),
+            });
+        }
+    }
+    Ok(report)
+}
+
+fn orders_text(orders: i64, revenue: Decimal) -> String {
+    format!("orders={orders} revenue={}", money(revenue))
+}
+
+fn sales_text(units: i64, revenue: Decimal, lines: i64) -> String {
+    format!("units={units} revenue={} lines={lines}", money(revenue))
+}
+
+fn customers_text(customers: i64) -> String {
+    format!("customers={customers}")
+}
+
+fn product_text(name: &str, category: &str, price: Decimal) -> String {
+    format!("name={name:?} category={category:?} price={}", money(price))
+}
+
+fn minute_key(aggregate: &'static str, seconds: i64, extra: Option<&str>) -> Key {
+    let minute = Minute(seconds);
+    let label = match extra {
+        Some(e) => format!("{minute}/{e}"),
+        None => minute.to_string(),
+    };
+    Key {
+        aggregate,
+        order: seconds,
+        label,
+    }
+}
+
+fn id_key(aggregate: &'static str, id: i64) -> Key {
+    Key {
+        aggregate,
+        order: id,
+        label: id.to_string(),
+    }
+}
+
+fn decimal(text: &str) -> anyhow::Result<Decimal> {
+    Decimal::from_str(text).with_context(|| format!("{text:?} is not a decimal"))
+}
+
+async fn postgres_side(pg: &tokio_postgres::Client, side: &mut Side) -> anyhow::Result<()> {
+    let minute = "extract(epoch FROM date_trunc('minute', created_at AT TIME ZONE 'UTC'))::bigint";
+    let sql = format!(
+        "SELECT {minute}, status, count(*)::bigint, sum(total_amount)::text FROM orders GROUP BY 1, 2"
+    );
+    for row in pg.query(&sql, &[]).await.context("orders GROUP BY")? {
+        let status: String = row.get(1);
+        side.insert(
+            minute_key(OrdersByMinute::NAME, row.get(0), Some(&status)),
+            orders_text(row.get(2), decimal(row.get(3))?),
+        );
+    }
+    let sql = "SELECT product_id, sum(quantity)::bigint, sum(quantity * unit_price)::text, count(*)::bigint \
+               FROM order_items GROUP BY product_id";
+    for row in pg.query(sql, &[]).await.context("order_items GROUP BY")? {
+        side.insert(
+            id_key(ProductSales::NAME, row.get(0)),
+            sales_text(row.get(1), decimal(row.get(2))?, row.get(3)),
+        );
+    }
+    let sql = format!("SELECT {minute}, count(*)::bigint FROM customers GROUP BY 1");
+    for row in pg.query(&sql, &[]).await.context("customers GROUP BY")? {
+        side.insert(
+            minute_key(CustomersByMinute::NAME, row.get(0), None),
+            customers_text(row.get(1)),
+        );
+    }
+    for row in pg
+        .query("SELECT id, name, category, price::text FROM products", &[])
+        .await?
+    {
+        let (name, category): (String, String) = (row.get(1), row.get(2));
+        side.insert(
+            id_key(Products::NAME, row.get(0)),
+            product_text(&name, &category, decimal(row.get(3))?),
+        );
+    }
+    Ok(())
+}
+
+// Sums of Decimal(18,2) are Decimal(38,2): an i128 of cents.
+#[derive(Row, Deserialize)]
+struct OrdersSum {
+    minute: u32,
+    status: String,
+    orders: i64,
+    revenue: i128,
+}
+
+#[derive(Row, Deserialize)]
+struct SalesSum {
+    product_id: i64,
+    units: i64,
+    revenue: i128,
+    lines: i64,
+}
+
+#[derive(Row, Deserialize)]
+struct CustomersSum {
+    minute: u32,
+    customers: i64,
+}
+
+#[derive(Row, Deserialize)]
+struct ProductLatest {
+    product_id: i64,
+    name: String,
+    category: String,
+    price: i64,
+}
+
+fn cents(c: i128) -> anyhow::Result<Decimal> {
+    Decimal::try_from_i128_with_scale(c, 2).context("sum out of range")
+}
+
+async fn clickhouse_side(sink: &ClickHouseSink, side: &mut Side) -> anyhow::Result<()> {
+    let ch = sink.client();
+    // Rows whose every sum is zero are keys that no longer exist in Postgres.
+    let rows: Vec<OrdersSum> = ch
+        .query(
+            "SELECT toUInt32(minute) AS m, status, sum(orders) AS o, sum(revenue) AS r \
+             FROM orders_by_minute FINAL GROUP BY m, status HAVING o != 0 OR r != 0",
+        )
+        .fetch_all()
+        .await
+        .context("reading orders_by_minute")?;
+    for r in rows {
+        side.insert(
+            minute_key(OrdersByMinute::NAME, r.minute.into(), Some(&r.status)),
+            orders_text(r.orders, cents(r.revenue)?),
+        );
+    }
+    let rows: Vec<SalesSum> = ch
+        .query(
+            "SELECT product_id, sum(units) AS u, sum(revenue) AS r, sum(lines) AS l \
+             FROM product_sales FINAL GROUP BY product_id HAVING u != 0 OR r != 0 OR l != 0",
+        )
+        .fetch_all()
+        .await
+        .context("reading product_sales")?;
+    for r in rows {
+        side.insert(
+            id_key(ProductSales::NAME, r.product_id),
+            sales_text(r.units, cents(r.revenue)?, r.lines),
+        );
+    }
+    let rows: Vec<CustomersSum> = ch
+        .query(
+            "SELECT toUInt32(minute) AS m, sum(customers) AS c \
+             FROM customers_by_minute FINAL GROUP BY m HAVING c != 0",
+        )
+        .fetch_all()
+        .await
+        .context("reading customers_by_minute")?;
+    for r in rows {
+        side.insert(
+            minute_key(CustomersByMinute::NAME, r.minute.into(), None),
+            customers_text(r.customers),
+        );
+    }
+    let rows: Vec<ProductLatest> = ch
+        .query("SELECT product_id, name, category, price FROM products FINAL WHERE deleted = 0")
+        .fetch_all()
+        .await
+        .context("reading products")?;
+    for r in rows {
+        side.insert(
+            id_key(Products::NAME, r.product_id),
+            product_text(&r.name, &r.category, Decimal::new(r.price, 2)),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! The ClickHouse sink: writes (key, partition) rows with their running
+//! totals and offset, and reads a partition's rows back when it is assigned.
+//!
+//! Money travels as Decimal(18,2), i.e. an i64 of cents; minutes as DateTime,
+//! i.e. u32 seconds. Both conversions refuse values they would change.
+
+use ::clickhouse::{Client, Row, RowOwned, RowRead, RowWrite};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{
+    Aggregate, CustomerTotals, CustomersByMinute, OrderTotals, OrdersByMinute, ProductInfo,
+    ProductSales, Products, SalesTotals, StoredRow,
+};
+use crate::cdc::Minute;
+use crate::config::{ClickHouseConfig, Validation};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("ClickHouse: {0}")]
+    ClickHouse(#[from] ::clickhouse::error::Error),
+    #[error("{aggregate}: {why}")]
+    Value {
+        aggregate: &'static str,
+        why: String,
+    },
+}
+
+/// An aggregate that has a ClickHouse table of the same name.
+pub trait SinkTable: Aggregate {
+    type Row: RowOwned + RowRead + RowWrite + Serialize + for<'de> Deserialize<'de> + Send + Sync;
+    fn to_row(row: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError>;
+    fn from_row(row: Self::Row) -> Result<StoredRow<Self::Key, Self::Value>, SinkError>;
+}
+
+#[derive(Clone)]
+pub struct ClickHouseSink {
+    client: Client,
+}
+
+impl ClickHouseSink {
+    /// Connects and checks the server answers; with `Validation::Auto`,
+    /// validation is on for servers new enough to support it.
+    pub async fn connect(config: &ClickHouseConfig) -> Result<ClickHouseSink, SinkError> {
+        let mut client = Client::default()
+            .with_url(&config.url)
+            .with_database(&config.database)
+            .with_compression(::clickhouse::Compression::None)
+            .with_validation(false)
+            // Without it an error after the first rows is not reported (old servers).
+            .with_setting("wait_end_of_query", "1");
+        if let Some(user) = &config.user {
+            client = client.with_user(user);
+        }
+        if let Some(password) = &config.password {
+            client = client.with_password(password);
+        }
+        let version: String = client.query("SELECT version()").fetch_one().await?;
+        let validation = match config.validation {
+            Validation::On => true,
+            Validation::Off => false,
+            Validation::Auto => supports_validation(&version),
+        };
+        tracing::info!(url = %config.url, %version, validation, "connected to ClickHouse");
+        Ok(ClickHouseSink {
+            client: client.with_validation(validation),
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Inserts `rows` in one INSERT.
+    pub async fn write<A: SinkTable>(
+        &self,
+        rows: &[StoredRow<A::Key, A::Value>],
+    ) -> Result<(), SinkError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self.client.insert::<A::Row>(A::NAME).await?;
+        for row in rows {
+            insert.write(&A::to_row(row)?).await?;
+        }
+        insert.end().await?;
+        Ok(())
+    }
+
+    /// The latest row of every key of `partition` (FINAL: the highest offset).
+    pub async fn load_partition<A: SinkTable>(
+        &self,
+        partition: i32,
+    ) -> Result<Vec<StoredRow<A::Key, A::Value>>, SinkError> {
+        let sql = format!(
+            "SELECT ?fields FROM {} FINAL WHERE source_partition = ?",
+            A::NAME
+        );
+        let rows: Vec<A::Row> = self.client.query(&sql).bind(partition).fetch_all().await?;
+        rows.into_iter().map(A::from_row).collect()
+    }
+}
+
+/// RowBinaryWithNamesAndTypes, which validation uses, is read correctly by
+/// the crate from ClickHouse 24 on.
+fn supports_validation(version: &str) -> bool {
+    version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok())
+        .is_some_and(|major| major >= 24)
+}
+
+fn cents(aggregate: &'static str, d: Decimal) -> Result<i64, SinkError> {
+    let value_error = |why: String| SinkError::Value { aggregate, why };
+    if d.round_dp(2) != d {
+        return Err(value_error(format!("{d} has more than 2 decimals")));
+    }
+    let scaled = d.mantissa() * 10i128.pow(2 - d.scale().min(2));
+    i64::try_from(scaled).map_err(|_| value_error(format!("{d} does not fit Decimal(18,2)")))
+}
+
+fn from_cents(cents: i64) -> Decimal {
+    Decimal::new(cents, 2)
+}
+
+fn minute_to_datetime(aggregate: &'static str, m: Minute) -> Result<u32, SinkError> {
+    u32::try_from(m.0).map_err(|_| SinkError::Value {
+        aggregate,
+        why: format!("minute {m} is outside ClickHouse DateTime's range"),
+    })
+}
+
+fn partition_to_u32(p: i32) -> u32 {
+    // Kafka partitions are never negative.
+    p.max(0) as u32
+}
+
+fn offset_to_u64(o: i64) -> u64 {
+    o.max(0) as u64
+}
+
+#[derive(Debug, Row, Serialize, Deserialize)]
+pub struct OrdersByMinuteRow {
+    pub minute: u32,
+    pub status: String,
+    pub source_partition: u32,
+    pub orders: i64,
+    pub revenue: i64,
+    pub source_offset: u64,
+}
+
+impl SinkTable for OrdersByMinute {
+    type Row = OrdersByMinuteRow;
+    fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
+        Ok(OrdersByMinuteRow {
+            minute: minute_to_datetime(Self::NAME, r.key.0)?,
+            status: r.key.1.clone(),
+            source_partition: partition_to_u32(r.partition),
+            orders: r.value.orders,
+            revenue: cents(Self::NAME, r.value.revenue)?,
+            source_offset: offset_to_u64(r.offset),
+        })
+    }
+    fn from_row(r: Self::Row) -> Result<StoredRow<Self::Key, Self::Value>, SinkError> {
+        Ok(StoredRow {
+            key: (Minute(i64::from(r.minute)), r.status),
+            partition: r.source_partition as i32,
+            value: OrderTotals {
+                orders: r.orders,
+                revenue: from_cents(r.revenue),
+            },
+            offset: r.source_offset as i64,
+        })
+    }
+}
+
+#[derive(Debug, Row, Serialize, Deserialize)]
+pub struct ProductSalesRow {
+    pub product_id: i64,
+    pub source_partition: u32,
+    pub units: i64,
+    pub revenue: i64,
+    pub lines: i64,
+    pub source_offset: u64,
+}
+
+impl SinkTable for ProductSales {
+    type Row = ProductSalesRow;
+    fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
+        Ok(ProductSalesRow {
+            product_id: r.key,
+            source_partition: partition_to_u32(r.partition),
+            units: r.value.units,
+            revenue: cents(Self::NAME, r.value.revenue)?,
+            lines: r.value.lines,
+            source_offset: offset_to_u64(r.offset),
+        })
+    }
+    fn from_row(r: Self::Row) -> Result<StoredRow<Self::Key, Self::Value>, SinkError> {
+        Ok(StoredRow {
+            key: r.product_id,
+            partition: r.source_partition as i32,
+            value: SalesTotals {
+                units: r.units,
+                revenue: from_cents(r.revenue),
+                lines: r.lines,
+            },
+            offset: r.source_offset as i64,
+        })
+    }
+}
+
+#[derive(Debug, Row, Serialize, Deserialize)]
+pub struct CustomersByMinuteRow {
+    pub minute: u32,
+    pub source_partition: u32,
+    pub customers: i64,
+    pub source_offset: u64,
+}
+
+impl SinkTable for CustomersByMinute {
+    type Row = CustomersByMinuteRow;
+    fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
+        Ok(CustomersByMinuteRow {
+            minute: minute_to_datetime(Self::NAME, r.key)?,
+            source_partition: partition_to_u32(r.partition),
+            customers: r.value.customers,
+            source_offset: offset_to_u64(r.offset),
+        })
+    }
+    fn from_row(r: Self::Row) -> Result<StoredRow<Self::Key, Self::Value>, SinkError> {
+        Ok(StoredRow {
+            key: Minute(i64::from(r.minute)),
+            partition: r.source_partition as i32,
+            value: CustomerTotals {
+                customers: r.customers,
+            },
+            offset: r.source_offset as i64,
+        })
+    }
+}
+
+#[derive(Debug, Row, Serialize, Deserialize)]
+pub struct ProductRow {
+    pub product_id: i64,
+    pub source_partition: u32,
+    pub name: String,
+    pub category: String,
+    pub price: i64,
+    pub deleted: u8,
+    pub source_offset: u64,
+}
+
+impl SinkTable for Products {
+    type Row = ProductRow;
+    fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
+        Ok(ProductRow {
+            product_id: r.key,
+            source_partition: partition_to_u32(r.partition),
+            name: r.value.name.clone(),
+            category: r.value.category.clone(),
+            price: cents(Self::NAME, r.value.price)?,
+            deleted: u8::from(r.value.deleted),
+            source_offset: offset_to_u64(r.offset),
+        })
+    }
+    fn from_row(r: Self::Row) -> Result<StoredRow<Self::Key, Self::Value>, SinkError> {
+        Ok(StoredRow {
+            key: r.product_id,
+            partition: r.source_partition as i32,
+            value: ProductInfo {
+                name: r.name,
+                category: r.category,
+                price: from_cents(r.price),
+                deleted: r.deleted != 0,
+            },
+            offset: r.source_offset as i64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    #[test]
+    fn money_converts_to_cents_exactly_or_not_at_all() {
+        let d = |s| Decimal::from_str(s).unwrap();
+        assert_eq!(cents("t", d("45.48")).unwrap(), 4548);
+        assert_eq!(cents("t", d("45.5")).unwrap(), 4550);
+        assert_eq!(cents("t", d("-3")).unwrap(), -300);
+        assert_eq!(cents("t", d("0.000")).unwrap(), 0);
+        assert!(cents("t", d("0.001")).is_err());
+        assert_eq!(from_cents(4548).to_string(), "45.48");
+    }
+
+    #[test]
+    fn validation_is_on_only_for_new_servers() {
+        assert!(!supports_validation("18.16.1"));
+        assert!(supports_validation("25.8.2.29"));
+    }
+}

@@ -1,0 +1,5 @@
+//! Where aggregates go: ClickHouse.
+
+pub mod clickhouse;
+
+pub use self::clickhouse::{ClickHouseSink, SinkError, SinkTable};

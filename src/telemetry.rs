@@ -1,0 +1,75 @@
+//! Process-wide counters of what the decoder skipped or could not read.
+//!
+//! Plain atomics in concurrent maps for now; the metrics exporter reads them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
+
+use dashmap::DashMap;
+
+use crate::cdc::Table;
+
+#[derive(Default)]
+pub struct Counters {
+    /// Records of topics that carry no table we capture, by topic.
+    pub unknown_tables: DashMap<String, AtomicU64>,
+    /// Columns outside our model of a table, by (table, column).
+    pub unknown_columns: DashMap<(Table, String), AtomicU64>,
+    /// Truncates seen (and, by policy, not applied), by table.
+    pub truncates: DashMap<Table, AtomicU64>,
+    /// Events that could not be decoded, by reason.
+    pub decode_errors: DashMap<&'static str, AtomicU64>,
+}
+
+pub fn counters() -> &'static Counters {
+    static COUNTERS: LazyLock<Counters> = LazyLock::new(Counters::default);
+    &COUNTERS
+}
+
+/// Adds one to `key`'s counter; true the first time the key is seen, so the
+/// caller logs each distinct problem once rather than once per event.
+fn bump<K: std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>, key: K) -> bool {
+    if let Some(c) = map.get(&key) {
+        c.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    let mut first = false;
+    map.entry(key)
+        .or_insert_with(|| {
+            first = true;
+            AtomicU64::new(0)
+        })
+        .fetch_add(1, Ordering::Relaxed);
+    first
+}
+
+pub fn unknown_column(table: Table, column: &str) {
+    if bump(&counters().unknown_columns, (table, column.to_owned())) {
+        tracing::warn!(%table, column, "ignoring a column the processor does not know");
+    }
+}
+
+pub fn unknown_table(topic: &str) {
+    if bump(&counters().unknown_tables, topic.to_owned()) {
+        tracing::warn!(
+            topic,
+            "ignoring records of a topic that carries no captured table"
+        );
+    }
+}
+
+pub fn truncate(table: Table) {
+    bump(&counters().truncates, table);
+    tracing::warn!(
+        %table,
+        "TRUNCATE is not applied to the aggregates (policy: see README); run reconcile"
+    );
+}
+
+pub fn decode_error(reason: &'static str) {
+    bump(&counters().decode_errors, reason);
+}
+
+pub fn read(map: &DashMap<impl std::hash::Hash + Eq, AtomicU64>) -> u64 {
+    map.iter().map(|e| e.value().load(Ordering::Relaxed)).sum()
+}
