@@ -1,0 +1,249 @@
+//! Properties of the aggregation logic, on random store histories:
+//! - the deltas add up to the GROUP BY over the final table state;
+//! - replaying any prefix of the events again changes nothing;
+//! - a restart from flushed rows plus a replay from any earlier commit point
+//!   ends in the same totals (what the pipeline does after a crash).
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{TimeZone, Utc};
+use etl::aggregate::{AggregateState, OrderTotals, OrdersByMinute, ProductSales, SalesTotals};
+use etl::cdc::{Change, Minute, Op, Order, OrderItem, TableChange};
+use proptest::prelude::*;
+use rust_decimal::Decimal;
+
+const STATUSES: [&str; 3] = ["pending", "paid", "cancelled"];
+const PARTITIONS: i64 = 3;
+
+#[derive(Debug, Clone)]
+enum Step {
+    Insert {
+        minute: u8,
+        status: usize,
+        cents: u32,
+    },
+    Update {
+        pick: usize,
+        status: usize,
+        cents: u32,
+        minute: Option<u8>,
+    },
+    Delete {
+        pick: usize,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0u8..5, 0usize..3, 0u32..100_000).prop_map(|(minute, status, cents)| Step::Insert { minute, status, cents }),
+        3 => (any::<usize>(), 0usize..3, 0u32..100_000, proptest::option::of(0u8..5))
+            .prop_map(|(pick, status, cents, minute)| Step::Update { pick, status, cents, minute }),
+        1 => any::<usize>().prop_map(|pick| Step::Delete { pick }),
+    ]
+}
+
+fn order(id: i64, minute: u8, status: usize, cents: u32) -> Order {
+    Order {
+        id,
+        status: STATUSES[status].to_string(),
+        total_amount: Decimal::new(cents.into(), 2),
+        created_at: Utc
+            .timestamp_opt(1_706_778_000 + i64::from(minute) * 60 + 17, 0)
+            .unwrap(),
+    }
+}
+
+/// An event as the pipeline sees it: (partition, offset, change).
+type Event = (i32, i64, TableChange);
+
+/// Runs the steps against a model table; returns the events (Debezium keys by
+/// id, so an order's events share a partition) and the final table.
+fn history(steps: &[Step]) -> (Vec<Event>, HashMap<i64, Order>) {
+    let mut table: HashMap<i64, Order> = HashMap::new();
+    let mut next_id = 1;
+    let mut next_offset = vec![0i64; PARTITIONS as usize];
+    let mut events = Vec::new();
+    for s in steps {
+        let (id, change) = match s {
+            Step::Insert {
+                minute,
+                status,
+                cents,
+            } => {
+                let o = order(next_id, *minute, *status, *cents);
+                next_id += 1;
+                table.insert(o.id, o.clone());
+                (
+                    o.id,
+                    Change {
+                        op: Op::Create,
+                        before: None,
+                        after: Some(o),
+                    },
+                )
+            }
+            Step::Update {
+                pick,
+                status,
+                cents,
+                minute,
+            } => {
+                if table.is_empty() {
+                    continue;
+                }
+                let mut ids: Vec<i64> = table.keys().copied().collect();
+                ids.sort();
+                let id = ids[pick % ids.len()];
+                let before = table[&id].clone();
+                let mut after = order(id, 0, *status, *cents);
+                after.created_at = match minute {
+                    Some(m) => order(id, *m, 0, 0).created_at,
+                    None => before.created_at,
+                };
+                table.insert(id, after.clone());
+                (
+                    id,
+                    Change {
+                        op: Op::Update,
+                        before: Some(before),
+                        after: Some(after),
+                    },
+                )
+            }
+            Step::Delete { pick } => {
+                if table.is_empty() {
+                    continue;
+                }
+                let mut ids: Vec<i64> = table.keys().copied().collect();
+                ids.sort();
+                let id = ids[pick % ids.len()];
+                let before = table.remove(&id).unwrap();
+                (
+                    id,
+                    Change {
+                        op: Op::Delete,
+                        before: Some(before),
+                        after: None,
+                    },
+                )
+            }
+        };
+        let partition = (id % PARTITIONS) as usize;
+        events.push((
+            partition as i32,
+            next_offset[partition],
+            TableChange::Order(change),
+        ));
+        next_offset[partition] += 1;
+    }
+    (events, table)
+}
+
+/// SELECT minute, status, count(*), sum(total_amount) GROUP BY 1, 2.
+fn group_by(table: &HashMap<i64, Order>) -> BTreeMap<(Minute, String), OrderTotals> {
+    let mut out: BTreeMap<(Minute, String), OrderTotals> = BTreeMap::new();
+    for o in table.values() {
+        let t = out
+            .entry((Minute::of(o.created_at), o.status.clone()))
+            .or_default();
+        t.orders += 1;
+        t.revenue += o.total_amount;
+    }
+    out
+}
+
+fn apply_all(state: &mut AggregateState<OrdersByMinute>, events: &[Event]) {
+    for (p, o, c) in events {
+        state.apply(*p, *o, c);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn deltas_add_up_to_the_group_by(steps in proptest::collection::vec(step(), 0..80)) {
+        let (events, table) = history(&steps);
+        let mut state = AggregateState::<OrdersByMinute>::default();
+        apply_all(&mut state, &events);
+        prop_assert_eq!(state.totals(), group_by(&table));
+    }
+
+    #[test]
+    fn replaying_a_prefix_again_changes_nothing(
+        steps in proptest::collection::vec(step(), 1..80),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let (events, table) = history(&steps);
+        let mut state = AggregateState::<OrdersByMinute>::default();
+        apply_all(&mut state, &events);
+        let prefix = cut.index(events.len() + 1);
+        apply_all(&mut state, &events[..prefix]);
+        prop_assert_eq!(state.totals(), group_by(&table));
+    }
+
+    #[test]
+    fn restart_from_flushed_rows_and_replay_from_the_commit_converges(
+        steps in proptest::collection::vec(step(), 1..80),
+        flush_at in any::<prop::sample::Index>(),
+        commit_lag in any::<prop::sample::Index>(),
+    ) {
+        let (events, table) = history(&steps);
+        // Run up to the flush point, write the dirty rows (the sink), crash.
+        let flushed = flush_at.index(events.len() + 1);
+        let mut before_crash = AggregateState::<OrdersByMinute>::default();
+        apply_all(&mut before_crash, &events[..flushed]);
+        let stored = before_crash.dirty_rows();
+        // The commit lags the flush: the restart replays from an earlier point.
+        let committed = flushed - commit_lag.index(flushed + 1);
+        let mut restarted = AggregateState::<OrdersByMinute>::default();
+        restarted.load(stored);
+        apply_all(&mut restarted, &events[committed..]);
+        prop_assert_eq!(restarted.totals(), group_by(&table));
+    }
+}
+
+#[test]
+fn item_edits_move_units_and_revenue_between_products() {
+    let item = |product_id, quantity, cents| OrderItem {
+        id: 1,
+        product_id,
+        quantity,
+        unit_price: Decimal::new(cents, 2),
+    };
+    let mut state = AggregateState::<ProductSales>::default();
+    let events = [
+        Change {
+            op: Op::Create,
+            before: None,
+            after: Some(item(1, 2, 1999)),
+        },
+        Change {
+            op: Op::Update,
+            before: Some(item(1, 2, 1999)),
+            after: Some(item(1, 3, 1999)),
+        },
+        Change {
+            op: Op::Update,
+            before: Some(item(1, 3, 1999)),
+            after: Some(item(2, 1, 4500)),
+        },
+    ];
+    for (offset, c) in events.into_iter().enumerate() {
+        state.apply(0, offset as i64, &TableChange::OrderItem(c));
+    }
+    let totals = state.totals();
+    assert_eq!(
+        totals.len(),
+        1,
+        "product 1 is back to zero and left out: {totals:?}"
+    );
+    assert_eq!(
+        totals[&2],
+        SalesTotals {
+            units: 1,
+            revenue: Decimal::new(4500, 2),
+            lines: 1
+        }
+    );
+}

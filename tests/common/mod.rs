@@ -1,0 +1,144 @@
+//! Shared by the integration tests: the endpoints of the running stack
+//! (`scripts/stack up` writes them to `$STACK_DIR/stack.env`) and fresh,
+//! per-test ClickHouse databases built from `init/clickhouse`.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use etl::config::{ClickHouseConfig, Validation};
+use etl::sink::ClickHouseSink;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The stack's endpoints. Panics (the test fails) when the stack is not up:
+/// these tests prove the pipeline on real services and must not pass without.
+pub struct Stack {
+    vars: HashMap<String, String>,
+}
+
+impl Stack {
+    pub fn load() -> Stack {
+        let dir = std::env::var("STACK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| repo_root().join(".stack"));
+        let file = dir.join("stack.env");
+        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}. These tests need the real stack: run scripts/test (or scripts/stack up)",
+                file.display()
+            )
+        });
+        let vars = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| {
+                (
+                    k.trim().to_owned(),
+                    v.trim().trim_matches('"').trim_matches('\'').to_owned(),
+                )
+            })
+            .collect();
+        Stack { vars }
+    }
+
+    pub fn get(&self, key: &str) -> &str {
+        self.vars
+            .get(key)
+            .unwrap_or_else(|| panic!("stack.env has no {key}"))
+    }
+
+    pub fn vars(&self) -> &HashMap<String, String> {
+        &self.vars
+    }
+
+    pub fn clickhouse_config(&self, database: &str) -> ClickHouseConfig {
+        ClickHouseConfig {
+            url: self.get("ETL_CLICKHOUSE_URL").to_owned(),
+            database: database.to_owned(),
+            user: None,
+            password: None,
+            validation: Validation::Auto,
+        }
+    }
+}
+
+/// The DDL of init/clickhouse, one statement at a time, for database `db`.
+pub fn analytics_ddl(db: &str) -> Vec<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join("init/clickhouse"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+        .collect();
+    files.sort();
+    let mut statements = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let code: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for statement in code.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            statements.push(statement.replace("analytics.", &format!("{db}.")).replace(
+                "DATABASE IF NOT EXISTS analytics",
+                &format!("DATABASE IF NOT EXISTS {db}"),
+            ));
+        }
+    }
+    statements
+}
+
+/// A new, empty analytics database named `db` (dropped first if it exists).
+pub async fn fresh_analytics_db(stack: &Stack, db: &str) -> ClickHouseSink {
+    let admin = ClickHouseSink::connect(&stack.clickhouse_config("default"))
+        .await
+        .unwrap();
+    admin
+        .client()
+        .query(&format!("DROP DATABASE IF EXISTS {db}"))
+        .execute()
+        .await
+        .unwrap();
+    for statement in analytics_ddl(db) {
+        admin
+            .client()
+            .query(&statement)
+            .execute()
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+    ClickHouseSink::connect(&stack.clickhouse_config(db))
+        .await
+        .unwrap()
+}
+
+/// Polls `check` until it returns Some or the deadline passes.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures").join(name)
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
