@@ -16,6 +16,19 @@ use etl::sink::ClickHouseSink;
 const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 const CATCH_UP: Duration = Duration::from_secs(180);
 
+/// The processor under test; killed if the test ends early (a failed
+/// assertion must not leave it running).
+struct Processor(Child);
+
+impl Drop for Processor {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 struct Run {
     stack: Stack,
     database: String,
@@ -43,16 +56,18 @@ impl Run {
         cmd
     }
 
-    fn start_processor(&mut self) -> Child {
+    fn start_processor(&mut self) -> Processor {
         self.started += 1;
         let log = self.logs.join(format!("processor-{}.log", self.started));
         let log = std::fs::File::create(&log).unwrap();
-        self.processor_command(&["run"])
-            .env("ETL_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("etl-processor starts")
+        Processor(
+            self.processor_command(&["run"])
+                .env("ETL_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("etl-processor starts"),
+        )
     }
 
     /// `store_workload.py --seed S --size SIZE | psql`, in the background.
@@ -165,8 +180,8 @@ async fn aggregates_are_exact_after_a_workload_and_after_sigkill() {
         || async { (run.orders_in_postgres(seed2).await >= 120).then_some(()) },
     )
     .await;
-    processor.kill().unwrap();
-    processor.wait().unwrap();
+    processor.0.kill().unwrap();
+    processor.0.wait().unwrap();
     eprintln!("processor killed with SIGKILL");
     // The broker hands a dead member's partitions on only after its session
     // timed out; a member joining before that leaves them stuck (broker bug).
@@ -178,13 +193,13 @@ async fn aggregates_are_exact_after_a_workload_and_after_sigkill() {
     assert!(second.compared > first.compared);
 
     // SIGTERM: flush, commit and exit 0.
-    let pid = processor.id().to_string();
+    let pid = processor.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap()
         .success());
-    let status = processor.wait().unwrap();
+    let status = processor.0.wait().unwrap();
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
 
     // The reconcile command: exit 0 now, non-zero once a cent is wrong.
