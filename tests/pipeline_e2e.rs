@@ -1,7 +1,8 @@
 //! The whole pipeline on the real stack (Postgres -> Debezium -> broker ->
 //! etl-processor -> ClickHouse): after a workload the aggregates equal the
 //! GROUP BY over Postgres to the cent, also after the processor is killed
-//! with SIGKILL in the middle of a workload and started again.
+//! with SIGKILL in the middle of a workload and started again, and after a
+//! second member joins and leaves the consumer group during a workload.
 
 mod common;
 
@@ -132,6 +133,18 @@ impl Run {
     }
 }
 
+/// SIGTERM, and the processor must flush, commit and exit 0.
+fn terminate(processor: &mut Processor) {
+    let pid = processor.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = processor.0.wait().unwrap();
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+}
+
 fn wait(child: &mut Child, what: &str) {
     let status = child.wait().unwrap();
     assert!(status.success(), "{what} failed: {status}");
@@ -139,7 +152,7 @@ fn wait(child: &mut Child, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the real stack: run scripts/test"]
-async fn aggregates_are_exact_after_a_workload_and_after_sigkill() {
+async fn aggregates_are_exact_after_a_workload_a_sigkill_and_a_rebalance() {
     let stack = Stack::load();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     // Seeds pick disjoint id ranges, so runs against one stack do not collide.
@@ -192,15 +205,34 @@ async fn aggregates_are_exact_after_a_workload_and_after_sigkill() {
     let second = run.caught_up("after SIGKILL and restart").await;
     assert!(second.compared > first.compared);
 
+    // Phase 3: a second member joins, takes partitions and works on a
+    // workload, then leaves in the middle of it (rebalances both ways).
+    let seed3 = seed + 2;
+    let mut second_member = run.start_processor();
+    let second_log = run.logs.join(format!("processor-{}.log", run.started));
+    eventually(
+        "the second member to take partitions",
+        Duration::from_secs(60),
+        || async {
+            let log = std::fs::read_to_string(&second_log).unwrap_or_default();
+            log.contains("partition state loaded").then_some(())
+        },
+    )
+    .await;
+    let mut workload = run.start_workload(seed3, "large");
+    eventually(
+        "the third workload under way",
+        Duration::from_secs(60),
+        || async { (run.orders_in_postgres(seed3).await >= 200).then_some(()) },
+    )
+    .await;
+    terminate(&mut second_member);
+    wait(&mut workload, "third workload");
+    let third = run.caught_up("after a member joined and left").await;
+    assert!(third.compared > second.compared);
+
     // SIGTERM: flush, commit and exit 0.
-    let pid = processor.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = processor.0.wait().unwrap();
-    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+    terminate(&mut processor);
 
     // The reconcile command: exit 0 now, non-zero once a cent is wrong.
     let out = run.processor_command(&["reconcile"]).output().unwrap();
@@ -213,7 +245,7 @@ async fn aggregates_are_exact_after_a_workload_and_after_sigkill() {
     assert!(
         stdout.ends_with(&format!(
             "{} keys compared, 0 differences\n",
-            second.compared
+            third.compared
         )),
         "{stdout}"
     );
