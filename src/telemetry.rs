@@ -69,7 +69,3 @@ pub fn truncate(table: Table) {
 pub fn decode_error(reason: &'static str) {
     bump(&counters().decode_errors, reason);
 }
-
-pub fn read(map: &DashMap<impl std::hash::Hash + Eq, AtomicU64>) -> u64 {
-    map.iter().map(|e| e.value().load(Ordering::Relaxed)).sum()
-}

@@ -116,6 +116,15 @@ impl Run {
         report
     }
 
+    /// Waits until the workload of `seed` has created `orders` orders.
+    async fn workload_reaches(&self, seed: u64, orders: i64) {
+        let what = format!("workload {seed} to reach {orders} orders");
+        eventually(&what, Duration::from_secs(60), || async {
+            (self.orders_in_postgres(seed).await >= orders).then_some(())
+        })
+        .await;
+    }
+
     async fn orders_in_postgres(&self, seed: u64) -> i64 {
         let (pg, conn) =
             tokio_postgres::connect(self.stack.get("ETL_POSTGRES_URL"), tokio_postgres::NoTls)
@@ -187,12 +196,7 @@ async fn aggregates_are_exact_after_a_workload_a_sigkill_and_a_rebalance() {
     // Phase 2: SIGKILL in the middle of a larger workload, then restart.
     let seed2 = seed + 1;
     let mut workload = run.start_workload(seed2, "large");
-    eventually(
-        "the large workload under way",
-        Duration::from_secs(60),
-        || async { (run.orders_in_postgres(seed2).await >= 120).then_some(()) },
-    )
-    .await;
+    run.workload_reaches(seed2, 120).await;
     processor.0.kill().unwrap();
     processor.0.wait().unwrap();
     eprintln!("processor killed with SIGKILL");
@@ -220,12 +224,7 @@ async fn aggregates_are_exact_after_a_workload_a_sigkill_and_a_rebalance() {
     )
     .await;
     let mut workload = run.start_workload(seed3, "large");
-    eventually(
-        "the third workload under way",
-        Duration::from_secs(60),
-        || async { (run.orders_in_postgres(seed3).await >= 200).then_some(()) },
-    )
-    .await;
+    run.workload_reaches(seed3, 200).await;
     terminate(&mut second_member);
     wait(&mut workload, "third workload");
     let third = run.caught_up("after a member joined and left").await;

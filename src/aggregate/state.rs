@@ -105,10 +105,6 @@ impl<A: Aggregate> AggregateState<A> {
             .collect()
     }
 
-    pub fn dirty_count(&self) -> usize {
-        self.entries.values().filter(|e| e.dirty).count()
-    }
-
     /// Marks rows as written, unless an event changed them since.
     pub fn mark_flushed(&mut self, rows: &[StoredRow<A::Key, A::Value>]) {
         for row in rows {
@@ -149,13 +145,5 @@ impl<A: Aggregate> AggregateState<A> {
         }
         totals.retain(|_, v| !v.is_empty());
         totals
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }

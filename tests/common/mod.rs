@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use etl::config::{ClickHouseConfig, Validation};
@@ -137,8 +137,4 @@ where
 
 pub fn fixture(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(name)
-}
-
-pub fn exists(p: &Path) -> bool {
-    p.exists()
 }
