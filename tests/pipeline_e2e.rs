@@ -15,7 +15,9 @@ use etl::reconcile::{reconcile, Report};
 use etl::sink::ClickHouseSink;
 
 const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
-const CATCH_UP: Duration = Duration::from_secs(180);
+const CATCH_UP: Duration = Duration::from_secs(90);
+/// Long, so that a kill mid-workload finds seconds of unflushed events.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(2500);
 
 /// The processor under test; killed if the test ends early (a failed
 /// assertion must not leave it running).
@@ -49,7 +51,10 @@ impl Run {
         }
         cmd.env("ETL_CLICKHOUSE_DATABASE", &self.database)
             .env("ETL_KAFKA_GROUP_ID", &self.group)
-            .env("ETL_FLUSH_INTERVAL_MS", "200")
+            .env(
+                "ETL_FLUSH_INTERVAL_MS",
+                FLUSH_INTERVAL.as_millis().to_string(),
+            )
             .env(
                 "ETL_KAFKA_SESSION_TIMEOUT_MS",
                 SESSION_TIMEOUT.as_millis().to_string(),
@@ -100,20 +105,35 @@ impl Run {
             .unwrap()
     }
 
-    /// Waits until reconcile is exact (the processor caught up).
+    /// Waits until reconcile is exact (the processor caught up); at the
+    /// deadline, fails with the differences still there.
     async fn caught_up(&self, phase: &str) -> Report {
         let started = std::time::Instant::now();
-        let report = eventually(&format!("{phase}: reconcile exact"), CATCH_UP, || async {
-            let r = self.reconcile().await;
-            r.is_exact().then_some(r)
-        })
-        .await;
-        eprintln!(
-            "{phase}: exact after {:?}, {} keys",
-            started.elapsed(),
-            report.compared
-        );
-        report
+        loop {
+            let report = self.reconcile().await;
+            if report.is_exact() {
+                eprintln!(
+                    "{phase}: exact after {:?}, {} keys",
+                    started.elapsed(),
+                    report.compared
+                );
+                return report;
+            }
+            if started.elapsed() > CATCH_UP {
+                let shown: Vec<String> = report
+                    .differences
+                    .iter()
+                    .take(10)
+                    .map(|d| d.to_string())
+                    .collect();
+                panic!(
+                    "{phase}: {} differences after {CATCH_UP:?}, e.g.\n{}",
+                    report.differences.len(),
+                    shown.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Waits until the workload of `seed` has created `orders` orders.
@@ -123,6 +143,23 @@ impl Run {
             (self.orders_in_postgres(seed).await >= orders).then_some(())
         })
         .await;
+    }
+
+    /// Order lines of the workload's own products already in ClickHouse.
+    async fn flushed_item_lines(&self, seed: u64) -> i64 {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Lines {
+            lines: i64,
+        }
+        let first_id = 1000 + seed as i64 * 100_000;
+        let sql = "SELECT sum(lines) FROM product_sales FINAL WHERE product_id BETWEEN ? AND ?";
+        let sink = self.sink().await;
+        let q = sink
+            .client()
+            .query(sql)
+            .bind(first_id)
+            .bind(first_id + 99_999);
+        q.fetch_one::<Lines>().await.unwrap().lines
     }
 
     async fn orders_in_postgres(&self, seed: u64) -> i64 {
@@ -196,7 +233,17 @@ async fn aggregates_are_exact_after_a_workload_a_sigkill_and_a_rebalance() {
     // Phase 2: SIGKILL in the middle of a larger workload, then restart.
     let seed2 = seed + 1;
     let mut workload = run.start_workload(seed2, "large");
+    // Kill while the processor works through this workload, half a flush
+    // interval after a flush: it then dies holding applied but unflushed
+    // events, which the restart must recover from the last commit.
     run.workload_reaches(seed2, 120).await;
+    eventually(
+        "the processor flushing the large workload",
+        Duration::from_secs(60),
+        || async { (run.flushed_item_lines(seed2).await >= 100).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(FLUSH_INTERVAL / 2).await;
     processor.0.kill().unwrap();
     processor.0.wait().unwrap();
     eprintln!("processor killed with SIGKILL");

@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::cdc::Table;
@@ -94,9 +94,24 @@ impl ConsumerContext for SourceContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => tracing::debug!(partitions = offsets.count(), "offsets committed"),
+            // Not fatal: a later commit covers these offsets, and until then a
+            // restart replays a little more (the offset guard skips it).
+            Err(e) => {
+                tracing::warn!(error = %e, offsets = %positions(offsets), "offset commit failed")
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            tracing::info!(partitions = tpl.count(), "partitions assigned");
+            let resume = match consumer.committed_offsets((*tpl).clone(), COMMITTED_TIMEOUT) {
+                Ok(committed) => positions(&committed),
+                Err(e) => format!("unknown ({e})"),
+            };
+            tracing::info!(partitions = tpl.count(), %resume, "partitions assigned");
             for e in tpl.elements() {
                 if let Err(err) = self.downstream.assigned(e.topic(), e.partition()) {
                     let why = format!(
@@ -111,6 +126,19 @@ impl ConsumerContext for SourceContext {
     }
 }
 
+/// `topic[partition]@offset ...`, for logs.
+fn positions(tpl: &TopicPartitionList) -> String {
+    let mut out = String::new();
+    for e in tpl.elements() {
+        let at = match e.offset() {
+            Offset::Offset(o) => o.to_string(),
+            other => format!("{other:?}"),
+        };
+        out.push_str(&format!("{}[{}]@{at} ", e.topic(), e.partition()));
+    }
+    out.trim_end().to_owned()
+}
+
 pub struct KafkaSource {
     consumer: BaseConsumer<SourceContext>,
     downstream: Arc<dyn Downstream>,
@@ -121,6 +149,8 @@ pub struct KafkaSource {
 /// How long a poll gathers records before handing them on.
 const LINGER: Duration = Duration::from_millis(20);
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long an assignment waits to learn the committed offsets (for the log).
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl KafkaSource {
     /// Creates the consumer and subscribes to the captured tables' topics.
