@@ -210,14 +210,26 @@ fn cents(c: i128) -> anyhow::Result<Decimal> {
     Decimal::try_from_i128_with_scale(c, 2).context("sum out of range")
 }
 
+// The ClickHouse side of each aggregate: FINAL keeps each (key, partition)'s
+// latest row, the sums add the partitions up, and rows whose every sum is zero
+// are keys that no longer exist in Postgres. Public so that tests can run them
+// on other ClickHouse versions.
+pub const CLICKHOUSE_ORDERS_BY_MINUTE: &str =
+    "SELECT toUInt32(minute) AS m, status, sum(orders) AS o, sum(revenue) AS r \
+     FROM orders_by_minute FINAL GROUP BY m, status HAVING o != 0 OR r != 0";
+pub const CLICKHOUSE_PRODUCT_SALES: &str =
+    "SELECT product_id, sum(units) AS u, sum(revenue) AS r, sum(lines) AS l \
+     FROM product_sales FINAL GROUP BY product_id HAVING u != 0 OR r != 0 OR l != 0";
+pub const CLICKHOUSE_CUSTOMERS_BY_MINUTE: &str =
+    "SELECT toUInt32(minute) AS m, sum(customers) AS c \
+     FROM customers_by_minute FINAL GROUP BY m HAVING c != 0";
+pub const CLICKHOUSE_PRODUCTS: &str =
+    "SELECT product_id, name, category, price FROM products FINAL WHERE deleted = 0";
+
 async fn clickhouse_side(sink: &ClickHouseSink, side: &mut Side) -> anyhow::Result<()> {
     let ch = sink.client();
-    // Rows whose every sum is zero are keys that no longer exist in Postgres.
     let rows: Vec<OrdersSum> = ch
-        .query(
-            "SELECT toUInt32(minute) AS m, status, sum(orders) AS o, sum(revenue) AS r \
-             FROM orders_by_minute FINAL GROUP BY m, status HAVING o != 0 OR r != 0",
-        )
+        .query(CLICKHOUSE_ORDERS_BY_MINUTE)
         .fetch_all()
         .await
         .context("reading orders_by_minute")?;
@@ -228,10 +240,7 @@ async fn clickhouse_side(sink: &ClickHouseSink, side: &mut Side) -> anyhow::Resu
         );
     }
     let rows: Vec<SalesSum> = ch
-        .query(
-            "SELECT product_id, sum(units) AS u, sum(revenue) AS r, sum(lines) AS l \
-             FROM product_sales FINAL GROUP BY product_id HAVING u != 0 OR r != 0 OR l != 0",
-        )
+        .query(CLICKHOUSE_PRODUCT_SALES)
         .fetch_all()
         .await
         .context("reading product_sales")?;
@@ -242,10 +251,7 @@ async fn clickhouse_side(sink: &ClickHouseSink, side: &mut Side) -> anyhow::Resu
         );
     }
     let rows: Vec<CustomersSum> = ch
-        .query(
-            "SELECT toUInt32(minute) AS m, sum(customers) AS c \
-             FROM customers_by_minute FINAL GROUP BY m HAVING c != 0",
-        )
+        .query(CLICKHOUSE_CUSTOMERS_BY_MINUTE)
         .fetch_all()
         .await
         .context("reading customers_by_minute")?;
@@ -256,7 +262,7 @@ async fn clickhouse_side(sink: &ClickHouseSink, side: &mut Side) -> anyhow::Resu
         );
     }
     let rows: Vec<ProductLatest> = ch
-        .query("SELECT product_id, name, category, price FROM products FINAL WHERE deleted = 0")
+        .query(CLICKHOUSE_PRODUCTS)
         .fetch_all()
         .await
         .context("reading products")?;
