@@ -16,6 +16,7 @@ use etl::sink::ClickHouseSink;
 
 const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 const CATCH_UP: Duration = Duration::from_secs(90);
+const UNKNOWN_TOPIC: &str = "online_store.public.reviews";
 /// Long, so that a kill mid-workload finds seconds of unflushed events.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(2500);
 
@@ -145,6 +146,30 @@ impl Run {
         .await;
     }
 
+    /// Creates UNKNOWN_TOPIC (if needed) and writes `n` Debezium-shaped records.
+    async fn produce_to_unknown_table(&self, n: usize) {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let brokers = self.stack.get("ETL_KAFKA_BROKERS");
+        // The broker does not create topics on produce; an existing one is fine.
+        let _ = Command::new(self.stack.get("TANSU_BIN"))
+            .args(["topic", "create", UNKNOWN_TOPIC, "--partitions", "1"])
+            .args(["--broker", &format!("tcp://{brokers}")])
+            .output()
+            .unwrap();
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .unwrap();
+        for id in 0..n {
+            let value = format!(r#"{{"before":null,"after":{{"id":{id},"stars":5}},"op":"c"}}"#);
+            let record = FutureRecord::to(UNKNOWN_TOPIC).key("k").payload(&value);
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
+    }
+
     /// Order lines of the workload's own products already in ClickHouse.
     async fn flushed_item_lines(&self, seed: u64) -> i64 {
         #[derive(clickhouse::Row, serde::Deserialize)]
@@ -219,6 +244,10 @@ async fn aggregates_are_exact_after_a_workload_a_sigkill_and_a_rebalance() {
         started: 0,
     };
 
+    // A table the processor does not aggregate (say, added to the connector
+    // later): its records must be skipped with a log line, not crash or stall.
+    run.produce_to_unknown_table(3).await;
+
     // Phase 1: everything so far (snapshot included) plus a small workload.
     let mut processor = run.start_processor();
     let mut workload = run.start_workload(seed, "small");
@@ -229,6 +258,13 @@ async fn aggregates_are_exact_after_a_workload_a_sigkill_and_a_rebalance() {
         "too few keys to mean anything: {}",
         first.compared
     );
+
+    let log = std::fs::read_to_string(run.logs.join("processor-1.log")).unwrap();
+    let skipped = log
+        .lines()
+        .filter(|l| l.contains("carries no captured table") && l.contains(UNKNOWN_TOPIC))
+        .count();
+    assert_eq!(skipped, 1, "one log line for the unknown table's records");
 
     // Phase 2: SIGKILL in the middle of a larger workload, then restart.
     let seed2 = seed + 1;

@@ -13,6 +13,7 @@ use crate::cdc::Table;
 use crate::config::Config;
 use crate::sink::{ClickHouseSink, SinkTable};
 use crate::source::{CommitRequest, Downstream, RecordBatch};
+use crate::telemetry;
 
 /// The mailboxes of one table's aggregator.
 #[derive(Clone)]
@@ -71,10 +72,11 @@ impl Pipeline {
         }
     }
 
-    fn table(&self, topic: &str) -> anyhow::Result<(Table, &AggregatorHandle)> {
-        let table = Table::from_topic(topic, &self.topic_prefix)
-            .ok_or_else(|| anyhow::anyhow!("topic {topic} carries no captured table"))?;
-        Ok((table, &self.aggregators[&table]))
+    /// The table a topic carries and its aggregator; None for a table that
+    /// the processor does not aggregate.
+    fn table(&self, topic: &str) -> Option<(Table, &AggregatorHandle)> {
+        let table = Table::from_topic(topic, &self.topic_prefix)?;
+        Some((table, &self.aggregators[&table]))
     }
 }
 
@@ -100,7 +102,10 @@ fn aggregator<A: SinkTable>(
 
 impl Downstream for Pipeline {
     fn assigned(&self, topic: &str, partition: i32) -> anyhow::Result<()> {
-        let (table, aggregator) = self.table(topic)?;
+        let Some((table, aggregator)) = self.table(topic) else {
+            // Its records are counted and skipped in `deliver`.
+            return Ok(());
+        };
         let mut backoff = ACQUIRE_FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
@@ -127,7 +132,7 @@ impl Downstream for Pipeline {
         // Every batch was awaited by `deliver`, so the actor's mailbox is empty
         // and its changes are in the aggregator's mailbox ahead of Release.
         self.partitions.remove(&(topic.to_owned(), partition))?;
-        let (_, aggregator) = self.table(topic).ok()?;
+        let (_, aggregator) = self.table(topic)?;
         block_on(aggregator.release.send(Release { partition, lost }))
             .ok()
             .flatten()
@@ -136,7 +141,13 @@ impl Downstream for Pipeline {
     fn deliver(&self, batch: RecordBatch) -> anyhow::Result<()> {
         let key = (batch.topic.to_string(), batch.partition);
         let Some(addr) = self.partitions.get(&key).map(|a| a.clone()) else {
-            // A record of a partition no longer ours (revoked inside this poll).
+            if self.table(&batch.topic).is_none() {
+                for _ in &batch.records {
+                    telemetry::unknown_table(&batch.topic);
+                }
+            }
+            // Otherwise a partition no longer ours (revoked inside this poll):
+            // its next owner resumes from the offset committed on revoke.
             return Ok(());
         };
         block_on(addr.send(Decode(batch)))

@@ -21,7 +21,6 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
-use crate::cdc::Table;
 use crate::config::KafkaConfig;
 
 /// One Kafka record, copied out of the consumer's buffers.
@@ -126,6 +125,18 @@ impl ConsumerContext for SourceContext {
     }
 }
 
+/// `text` as a literal inside a librdkafka (POSIX extended) regex.
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if r"\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// `topic[partition]@offset ...`, for logs.
 fn positions(tpl: &TopicPartitionList) -> String {
     let mut out = String::new();
@@ -179,15 +190,14 @@ impl KafkaSource {
             .set("fetch.wait.max.ms", "50")
             .create_with_context(context)
             .context("creating the Kafka consumer (setting ETL_KAFKA_BROKERS)")?;
-        let topics: Vec<String> = Table::ALL
-            .iter()
-            .map(|t| t.topic(&config.topic_prefix))
-            .collect();
-        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        // Every table topic of the prefix, not just the captured four: a table
+        // added to the connector then shows up as counted, logged records
+        // rather than going unseen.
+        let pattern = format!(r"^{}\.public\..+", regex_escape(&config.topic_prefix));
         consumer
-            .subscribe(&topic_refs)
+            .subscribe(&[&pattern])
             .context("subscribing to the table topics")?;
-        tracing::info!(brokers = %config.brokers, group = %config.group_id, ?topics, "subscribed");
+        tracing::info!(brokers = %config.brokers, group = %config.group_id, %pattern, "subscribed");
         Ok(KafkaSource {
             consumer,
             downstream,
@@ -323,5 +333,14 @@ impl KafkaSource {
         }
         self.consumer.unsubscribe();
         tracing::info!("left the consumer group");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_topic_prefix_is_matched_literally() {
+        assert_eq!(super::regex_escape("online_store"), "online_store");
+        assert_eq!(super::regex_escape("shop.eu-1"), r"shop\.eu-1");
     }
 }
