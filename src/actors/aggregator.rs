@@ -8,6 +8,7 @@ use crate::cdc::TableChange;
 use crate::config::FlushConfig;
 use crate::sink::{ClickHouseSink, SinkTable};
 use crate::source::CommitRequest;
+use crate::telemetry;
 
 /// Decoded changes of one partition, in offset order. `last_offset` is the
 /// offset of the batch's last record, change or not.
@@ -100,12 +101,24 @@ impl<A: SinkTable> AggregatorActor<A> {
                     });
                 }
             }
+            Err(e) if e.is_permanent() => unstorable(A::NAME, &e),
             Err(e) => {
                 act.updated_since_flush = rows.len();
                 tracing::warn!(aggregate = A::NAME, rows = rows.len(), error = %e, "flush failed; retrying on the next tick");
             }
         }));
     }
+}
+
+/// Exit code when an aggregate holds a value its table cannot store.
+pub const EXIT_UNSTORABLE: i32 = 3;
+
+/// An aggregate that cannot be written would stall for good, its offsets
+/// never committed: stop loudly instead. Nothing past the last good flush was
+/// committed, so a restart (after fixing the data or the schema) loses nothing.
+fn unstorable(aggregate: &str, error: &crate::sink::SinkError) -> ! {
+    tracing::error!(aggregate, %error, "a value cannot be stored in ClickHouse; exiting");
+    std::process::exit(EXIT_UNSTORABLE)
 }
 
 impl<A: SinkTable> Actor for AggregatorActor<A> {
@@ -123,6 +136,9 @@ impl<A: SinkTable> Handler<ApplyChanges> for AggregatorActor<A> {
         for (offset, change) in &batch.changes {
             let applied = self.state.apply(batch.partition, *offset, change);
             self.updated_since_flush += applied.keys_updated as usize;
+            if applied.keys_skipped > 0 {
+                telemetry::replay_skipped(A::NAME, applied.keys_skipped.into());
+            }
         }
         self.state.observe(batch.partition, batch.last_offset);
         if self.updated_since_flush >= self.flush.max_rows {
@@ -184,6 +200,7 @@ impl<A: SinkTable> Handler<Release> for AggregatorActor<A> {
                         act.state.watermark(partition).map(|o| o + 1)
                     }
                     Ok(()) => None,
+                    Err(e) if e.is_permanent() => unstorable(A::NAME, &e),
                     Err(e) => {
                         tracing::warn!(aggregate = A::NAME, partition, error = %e, "flush on release failed; the next owner replays");
                         None

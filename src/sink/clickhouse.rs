@@ -4,6 +4,8 @@
 //! Money travels as Decimal(18,2), i.e. an i64 of cents; minutes as DateTime,
 //! i.e. u32 seconds. Both conversions refuse values they would change.
 
+use std::time::Duration;
+
 use ::clickhouse::{Client, Row, RowOwned, RowRead, RowWrite};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -19,11 +21,33 @@ use crate::config::{ClickHouseConfig, Validation};
 pub enum SinkError {
     #[error("ClickHouse: {0}")]
     ClickHouse(#[from] ::clickhouse::error::Error),
+    #[error("ClickHouse did not answer within {0:?}")]
+    Timeout(Duration),
+    /// A value the table cannot hold: retrying cannot help.
     #[error("{aggregate}: {why}")]
     Value {
         aggregate: &'static str,
         why: String,
     },
+}
+
+impl SinkError {
+    /// True when the same write can never succeed.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, SinkError::Value { .. })
+    }
+}
+
+/// The longest a write or a load may take before it counts as failed, so
+/// that a hung server cannot hang the pipeline (or its shutdown).
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn within<T>(
+    work: impl std::future::Future<Output = Result<T, SinkError>>,
+) -> Result<T, SinkError> {
+    tokio::time::timeout(TIMEOUT, work)
+        .await
+        .unwrap_or(Err(SinkError::Timeout(TIMEOUT)))
 }
 
 /// An aggregate that has a ClickHouse table of the same name.
@@ -79,12 +103,17 @@ impl ClickHouseSink {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut insert = self.client.insert::<A::Row>(A::NAME).await?;
-        for row in rows {
-            insert.write(&A::to_row(row)?).await?;
-        }
-        insert.end().await?;
-        Ok(())
+        // Convert first: a value that cannot be stored fails before any I/O.
+        let rows: Vec<A::Row> = rows.iter().map(A::to_row).collect::<Result<_, _>>()?;
+        within(async {
+            let mut insert = self.client.insert::<A::Row>(A::NAME).await?;
+            for row in &rows {
+                insert.write(row).await?;
+            }
+            insert.end().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// The latest row of every key of `partition` (FINAL: the highest offset).
@@ -96,7 +125,8 @@ impl ClickHouseSink {
             "SELECT ?fields FROM {} FINAL WHERE source_partition = ?",
             A::NAME
         );
-        let rows: Vec<A::Row> = self.client.query(&sql).bind(partition).fetch_all().await?;
+        let query = self.client.query(&sql).bind(partition);
+        let rows: Vec<A::Row> = within(async { Ok(query.fetch_all().await?) }).await?;
         rows.into_iter().map(A::from_row).collect()
     }
 }
@@ -111,13 +141,22 @@ fn supports_validation(version: &str) -> bool {
         .is_some_and(|major| major >= 24)
 }
 
+/// Decimal(18,2) holds |value| < 10^16, i.e. |cents| < 10^18.
+const MAX_CENTS: i128 = 1_000_000_000_000_000_000;
+
 fn cents(aggregate: &'static str, d: Decimal) -> Result<i64, SinkError> {
     let value_error = |why: String| SinkError::Value { aggregate, why };
     if d.round_dp(2) != d {
         return Err(value_error(format!("{d} has more than 2 decimals")));
     }
-    let scaled = d.mantissa() * 10i128.pow(2 - d.scale().min(2));
-    i64::try_from(scaled).map_err(|_| value_error(format!("{d} does not fit Decimal(18,2)")))
+    // Scale 2 exactly: 45.480 (scale 3) and 45.5 (scale 1) both become 4548/4550.
+    let mut at_scale_2 = d;
+    at_scale_2.rescale(2);
+    let cents = at_scale_2.mantissa();
+    if cents.abs() >= MAX_CENTS {
+        return Err(value_error(format!("{d} does not fit Decimal(18,2)")));
+    }
+    Ok(cents as i64)
 }
 
 fn from_cents(cents: i64) -> Decimal {
@@ -292,7 +331,14 @@ mod tests {
         assert_eq!(cents("t", d("45.5")).unwrap(), 4550);
         assert_eq!(cents("t", d("-3")).unwrap(), -300);
         assert_eq!(cents("t", d("0.000")).unwrap(), 0);
+        assert_eq!(cents("t", d("45.480")).unwrap(), 4548);
+        assert_eq!(cents("t", d("-45.4800")).unwrap(), -4548);
         assert!(cents("t", d("0.001")).is_err());
+        assert_eq!(
+            cents("t", d("9999999999999999.99")).unwrap(),
+            999_999_999_999_999_999
+        );
+        assert!(cents("t", d("10000000000000000.00")).is_err());
         assert_eq!(from_cents(4548).to_string(), "45.48");
     }
 
