@@ -26,8 +26,10 @@ pub enum Decoded {
 struct Message<'a> {
     #[serde(borrow, default)]
     schema: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    payload: Option<&'a RawValue>,
+    /// `Some(None)`: a `payload` that is null, JsonConverter's tombstone
+    /// with schemas on.
+    #[serde(borrow, default, deserialize_with = "present")]
+    payload: Option<Option<&'a RawValue>>,
     // Not `#[serde(flatten)] Envelope`: flatten cannot hold borrowed RawValues.
     #[serde(borrow, default)]
     before: Option<&'a RawValue>,
@@ -47,6 +49,13 @@ struct Envelope<'a> {
     op: Option<&'a str>,
 }
 
+/// Tells a field that is there but null from one that is absent.
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<&'de RawValue>>, D::Error> {
+    Option::<&'de RawValue>::deserialize(d).map(Some)
+}
+
 fn malformed(what: impl std::fmt::Display) -> DecodeError {
     DecodeError::new(DecodeErrorKind::MalformedJson, what.to_string())
 }
@@ -60,7 +69,8 @@ pub fn decode(table: Table, value: Option<&[u8]>) -> Result<Decoded, DecodeError
     };
     let message: Message = serde_json::from_slice(bytes).map_err(malformed)?;
     let (envelope, schema) = match message.payload {
-        Some(payload) => {
+        Some(None) => return Ok(Decoded::Tombstone),
+        Some(Some(payload)) => {
             let envelope: Envelope = serde_json::from_str(payload.get()).map_err(malformed)?;
             (envelope, message.schema)
         }
@@ -204,6 +214,11 @@ mod tests {
     #[test]
     fn tombstones_truncates_and_bad_input() {
         assert_eq!(decode(Table::Orders, None).unwrap(), Decoded::Tombstone);
+        let enveloped_null = br#"{"schema":null,"payload":null}"#;
+        assert_eq!(
+            decode(Table::Orders, Some(enveloped_null)).unwrap(),
+            Decoded::Tombstone
+        );
         let t = r#"{"before":null,"after":null,"op":"t"}"#;
         assert_eq!(
             decode(Table::Orders, Some(t.as_bytes())).unwrap(),

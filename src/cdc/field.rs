@@ -10,7 +10,7 @@ use std::str::FromStr;
 use base64::Engine as _;
 use chrono::{DateTime, TimeZone, Utc};
 use rust_decimal::Decimal;
-use serde::de::{self, MapAccess, Visitor};
+use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
@@ -100,7 +100,8 @@ impl<'a> Row<'a> {
                 })?;
                 precise_decimal(&encoded, scale).map_err(|why| bad_field(column, why))
             }
-            Some(VARIABLE_SCALE_DECIMAL) => {
+            // A variable-scale decimal describes itself, schema or not.
+            _ if logical == Some(VARIABLE_SCALE_DECIMAL) || text.starts_with('{') => {
                 #[derive(Deserialize)]
                 struct Variable<'s> {
                     scale: u32,
@@ -307,15 +308,6 @@ impl<'a> SchemaNode<'a> {
     }
 }
 
-impl<'de> de::Deserialize<'de> for Minute {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = <Cow<str>>::deserialize(deserializer)?;
-        DateTime::parse_from_rfc3339(&text)
-            .map(|t| Minute::of(t.with_timezone(&Utc)))
-            .map_err(de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,6 +319,16 @@ mod tests {
         assert_eq!(precise_decimal("/w==", 2).unwrap().to_string(), "-0.01");
         assert_eq!(precise_decimal("AIA=", 0).unwrap().to_string(), "128");
         assert!(precise_decimal("not base64!", 2).is_err());
+    }
+
+    #[test]
+    fn variable_scale_decimals_need_no_schema() {
+        let raw = serde_json::value::RawValue::from_string(
+            r#"{"amount":{"scale":3,"value":"/w=="}}"#.to_string(),
+        )
+        .unwrap();
+        let row = Row::parse(&raw, None).unwrap();
+        assert_eq!(row.decimal("amount").unwrap().to_string(), "-0.001");
     }
 
     #[test]
