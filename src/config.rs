@@ -17,6 +17,8 @@ pub struct Config {
     pub flush: FlushConfig,
     /// Postgres connection URL; only `reconcile` needs it.
     pub postgres_url: Option<String>,
+    /// The log filter (tracing's EnvFilter syntax), checked at start-up.
+    pub log: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -26,7 +28,7 @@ pub struct KafkaConfig {
     /// Debezium's `topic.prefix`: topics are `<prefix>.public.<table>`.
     pub topic_prefix: String,
     pub session_timeout: Duration,
-    /// At most this many records are handed on per partition and batch.
+    /// At most this many records are gathered by one poll (all partitions).
     pub batch_max_records: usize,
 }
 
@@ -122,7 +124,7 @@ impl Settings {
                     })?;
             for (key, value) in table {
                 let name = format!("ETL_{}", key.to_ascii_uppercase());
-                if !KNOWN.contains(&name.as_str()) {
+                if !KNOWN.contains(&name.as_str()) || name == "ETL_CONFIG_FILE" {
                     return Err(ConfigError::File {
                         path,
                         why: format!("unknown setting {key:?} (known: {})", known_file_keys()),
@@ -136,9 +138,18 @@ impl Settings {
             }
         }
         for (name, value) in env {
-            if name.starts_with("ETL_") {
-                values.insert(name, (value, Origin::Environment));
+            if !name.starts_with("ETL_") {
+                continue;
             }
+            // A misspelt setting would otherwise be ignored without a word.
+            if !KNOWN.contains(&name.as_str()) {
+                return Err(ConfigError::Invalid {
+                    name,
+                    origin: Origin::Environment,
+                    why: format!("unknown setting (known: {})", KNOWN.join(", ")),
+                });
+            }
+            values.insert(name, (value, Origin::Environment));
         }
         Ok(Settings { values })
     }
@@ -233,6 +244,7 @@ const KNOWN: &[&str] = &[
     "ETL_FLUSH_INTERVAL_MS",
     "ETL_FLUSH_MAX_ROWS",
     "ETL_POSTGRES_URL",
+    "ETL_LOG",
 ];
 
 fn known_file_keys() -> String {
@@ -273,12 +285,11 @@ impl Config {
 
     pub fn from_settings(s: &Settings) -> Result<Config, ConfigError> {
         let brokers = s.string("ETL_KAFKA_BROKERS", "127.0.0.1:9092");
-        if brokers.split(',').any(|b| {
-            b.trim()
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_none()
-        }) {
+        let valid_broker = |b: &str| match b.trim().rsplit_once(':') {
+            Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+            None => false,
+        };
+        if !brokers.split(',').all(valid_broker) {
             return Err(ConfigError::Invalid {
                 name: "ETL_KAFKA_BROKERS".into(),
                 origin: s
@@ -296,7 +307,8 @@ impl Config {
                 session_timeout: s.millis(
                     "ETL_KAFKA_SESSION_TIMEOUT_MS",
                     10_000,
-                    1_000,
+                    // Brokers refuse less (group.min.session.timeout.ms).
+                    6_000,
                     300_000,
                 )?,
                 batch_max_records: s.parsed("ETL_BATCH_MAX_RECORDS", 5_000, at_least(1))?,
@@ -316,6 +328,7 @@ impl Config {
                 interval: s.millis("ETL_FLUSH_INTERVAL_MS", 1_000, 10, 60_000)?,
                 max_rows: s.parsed("ETL_FLUSH_MAX_ROWS", 50_000, at_least(1))?,
             },
+            log: s.string("ETL_LOG", "info"),
             postgres_url: match s.optional("ETL_POSTGRES_URL") {
                 Some(_) => Some(s.url("ETL_POSTGRES_URL", "", &["postgres", "postgresql"])?),
                 None => None,
@@ -391,6 +404,21 @@ mod tests {
             err.contains("ETL_CLICKHOUSE_URL") && err.contains("http"),
             "{err}"
         );
+        let err = config(&[("ETL_KAFKA_BROKERS", ":9092")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ETL_KAFKA_BROKERS"), "{err}");
+        let err = config(&[("ETL_FLUSH_INTERVL_MS", "5")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("setting ETL_FLUSH_INTERVL_MS (from the environment): unknown setting"),
+            "{err}"
+        );
+        let err = config(&[], Some("config_file = \"other.toml\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown setting \"config_file\""), "{err}");
         let err = config(&[], Some("flush_intervl_ms = 5"))
             .unwrap_err()
             .to_string();

@@ -28,30 +28,40 @@ enum Command {
     Run,
     /// Replay captured Debezium events (JSON lines: {"topic","key","value"})
     /// through the decoder and aggregates; print the final aggregates.
-    Replay {
-        file: std::path::PathBuf,
-        /// Debezium's topic.prefix.
-        #[arg(long, env = "ETL_TOPIC_PREFIX", default_value = "online_store")]
-        topic_prefix: String,
-    },
+    /// The topic prefix is ETL_TOPIC_PREFIX's (default online_store).
+    Replay { file: std::path::PathBuf },
     /// Compare every aggregate in ClickHouse with a GROUP BY over Postgres;
     /// print each difference; exit 0 only when there is none.
     Reconcile,
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_process() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("etl-processor: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_new(&config.log) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!(
+                "etl-processor: setting ETL_LOG: {:?} is not a log filter: {e}",
+                config.log
+            );
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ETL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(),
-        Command::Replay { file, topic_prefix } => replay(&file, &topic_prefix),
-        Command::Reconcile => reconcile(),
+        Command::Run => run(config),
+        Command::Replay { file } => replay(&file, &config.kafka.topic_prefix),
+        Command::Reconcile => reconcile(config),
     };
     match result {
         Ok(code) => code,
@@ -80,8 +90,7 @@ fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn reconcile() -> anyhow::Result<ExitCode> {
-    let config = Config::from_process()?;
+fn reconcile(config: Config) -> anyhow::Result<ExitCode> {
     let postgres_url = config.require_postgres()?.to_owned();
     tokio_runtime()?.block_on(async move {
         let sink = ClickHouseSink::connect(&config.clickhouse).await?;
@@ -106,8 +115,7 @@ fn reconcile() -> anyhow::Result<ExitCode> {
 /// missing (its numbers would be silently wrong); the orchestrator restarts it.
 const PANIC_EXIT: i32 = 70;
 
-fn run() -> anyhow::Result<ExitCode> {
-    let config = Config::from_process()?;
+fn run(config: Config) -> anyhow::Result<ExitCode> {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
@@ -140,6 +148,7 @@ fn run() -> anyhow::Result<ExitCode> {
             }
             result = &mut done_rx => result.unwrap_or_else(|_| Err(anyhow::anyhow!("source thread died"))),
         };
+        etl::telemetry::log_summary();
         actix::System::current().stop();
         result.map(|()| ExitCode::SUCCESS)
     })
