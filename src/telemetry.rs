@@ -1,6 +1,7 @@
-//! Process-wide counters of what the decoder skipped or could not read.
+//! Process-wide counters of what the pipeline skipped or could not read.
 //!
-//! Plain atomics in concurrent maps for now; the metrics exporter reads them.
+//! Plain atomics in concurrent maps; `log_summary` writes them out at
+//! shutdown.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
@@ -19,6 +20,8 @@ pub struct Counters {
     pub truncates: DashMap<Table, AtomicU64>,
     /// Events that could not be decoded, by reason.
     pub decode_errors: DashMap<&'static str, AtomicU64>,
+    /// Key updates skipped by the offset guard (replayed events), by aggregate.
+    pub replays_skipped: DashMap<&'static str, AtomicU64>,
 }
 
 pub fn counters() -> &'static Counters {
@@ -68,4 +71,32 @@ pub fn truncate(table: Table) {
 
 pub fn decode_error(reason: &'static str) {
     bump(&counters().decode_errors, reason);
+}
+
+pub fn replay_skipped(aggregate: &'static str, updates: u64) {
+    let map = &counters().replays_skipped;
+    map.entry(aggregate)
+        .or_default()
+        .fetch_add(updates, Ordering::Relaxed);
+}
+
+/// One log line with every non-zero counter.
+pub fn log_summary() {
+    fn render<K: std::fmt::Debug + std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>) -> String {
+        let mut parts: Vec<String> = map
+            .iter()
+            .map(|e| format!("{:?}={}", e.key(), e.value().load(Ordering::Relaxed)))
+            .collect();
+        parts.sort();
+        parts.join(" ")
+    }
+    let c = counters();
+    tracing::info!(
+        unknown_tables = %render(&c.unknown_tables),
+        unknown_columns = %render(&c.unknown_columns),
+        truncates = %render(&c.truncates),
+        decode_errors = %render(&c.decode_errors),
+        replays_skipped = %render(&c.replays_skipped),
+        "counters"
+    );
 }

@@ -32,6 +32,8 @@ pub struct Pipeline {
     partitions: DashMap<(String, i32), Addr<PartitionActor>>,
     /// Decoding runs on its own thread, beside the aggregators.
     decoders: ArbiterHandle,
+    /// For the topics of tables that no aggregator reads.
+    commits: Sender<CommitRequest>,
 }
 
 /// How often and how patiently a newly assigned partition's state is loaded.
@@ -69,6 +71,7 @@ impl Pipeline {
             aggregators,
             partitions: DashMap::new(),
             decoders: Arbiter::new().handle(),
+            commits,
         }
     }
 
@@ -144,6 +147,14 @@ impl Downstream for Pipeline {
             if self.table(&batch.topic).is_none() {
                 for _ in &batch.records {
                     telemetry::unknown_table(&batch.topic);
+                }
+                // Nothing of it is stored, so nothing stands before the commit.
+                if let Some(last) = batch.records.last() {
+                    let _ = self.commits.send(CommitRequest {
+                        topic: batch.topic.to_string(),
+                        partition: batch.partition,
+                        next_offset: last.offset + 1,
+                    });
                 }
             }
             // Otherwise a partition no longer ours (revoked inside this poll):

@@ -9,7 +9,8 @@
 //! ever committed for events whose effect is already in ClickHouse.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -62,12 +63,16 @@ pub struct SourceContext {
     downstream: Arc<dyn Downstream>,
     /// An assignment the runtime could not take: the source stops on it.
     fatal: Mutex<Option<String>>,
+    /// Bumped by every assignment change, so the poll loop can tell records
+    /// gathered under an older assignment.
+    generation: AtomicU64,
 }
 
 impl ClientContext for SourceContext {}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 let lost = consumer.assignment_lost();
@@ -105,6 +110,7 @@ impl ConsumerContext for SourceContext {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
         if let Rebalance::Assign(tpl) = rebalance {
             let resume = match consumer.committed_offsets((*tpl).clone(), COMMITTED_TIMEOUT) {
                 Ok(committed) => positions(&committed),
@@ -173,6 +179,7 @@ impl KafkaSource {
         let context = SourceContext {
             downstream: downstream.clone(),
             fatal: Mutex::new(None),
+            generation: AtomicU64::new(0),
         };
         let session_ms = config.session_timeout.as_millis();
         let consumer: BaseConsumer<SourceContext> = ClientConfig::new()
@@ -218,7 +225,7 @@ impl KafkaSource {
         let mut topics: HashMap<String, Arc<str>> = HashMap::new();
         while !stop.load(Ordering::Relaxed) {
             self.commit_requested();
-            let batches = self.poll_batches(&mut topics)?;
+            let batches = self.poll_batches(&mut topics);
             if let Some(why) = self
                 .consumer
                 .context()
@@ -237,16 +244,24 @@ impl KafkaSource {
     }
 
     /// One poll's worth of records, cut into per-partition batches in order.
-    fn poll_batches(
-        &self,
-        topics: &mut HashMap<String, Arc<str>>,
-    ) -> anyhow::Result<Vec<RecordBatch>> {
+    fn poll_batches(&self, topics: &mut HashMap<String, Arc<str>>) -> Vec<RecordBatch> {
+        let generation = &self.consumer.context().generation;
+        let mut assignment = generation.load(Ordering::Relaxed);
         let mut batches: Vec<RecordBatch> = Vec::new();
         let mut total = 0usize;
         let started = Instant::now();
         let mut timeout = POLL_TIMEOUT;
         while total < self.batch_max_records && started.elapsed() < LINGER + POLL_TIMEOUT {
-            let message = match self.consumer.poll(timeout) {
+            let polled = self.consumer.poll(timeout);
+            if generation.load(Ordering::Relaxed) != assignment {
+                // A rebalance ran inside that poll. What was gathered so far
+                // belongs to the old assignment; whoever owns those partitions
+                // now (this process too) fetches them again from the commit.
+                batches.clear();
+                total = 0;
+                assignment = generation.load(Ordering::Relaxed);
+            }
+            let message = match polled {
                 None => break,
                 Some(Err(KafkaError::PartitionEOF(_))) => continue,
                 Some(Err(e)) => {
@@ -285,7 +300,7 @@ impl KafkaSource {
                 }),
             }
         }
-        Ok(batches)
+        batches
     }
 
     /// Commits what the aggregators have flushed (latest offset per partition).
@@ -299,6 +314,16 @@ impl KafkaSource {
         }
         if latest.is_empty() {
             return;
+        }
+        // A request can arrive after its partition was revoked (and committed
+        // on revoke); committing it then would only move the offset back.
+        if let Ok(assignment) = self.consumer.assignment() {
+            let owned: HashSet<(String, i32)> = assignment
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            latest.retain(|key, _| owned.contains(key));
         }
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), next) in &latest {
