@@ -16,39 +16,38 @@ fn start(env: &[(&str, &str)]) -> (Option<i32>, String) {
     )
 }
 
+/// The process must refuse to start, saying `says`.
+fn refused(env: &[(&str, &str)], says: &str) {
+    let (code, stderr) = start(env);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(says), "expected {says:?} in: {stderr}");
+}
+
 #[test]
 fn a_bad_value_names_the_setting() {
-    let (code, stderr) = start(&[("ETL_FLUSH_INTERVAL_MS", "soon")]);
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(
-        stderr.contains("setting ETL_FLUSH_INTERVAL_MS (from the environment): \"soon\""),
-        "{stderr}"
+    refused(
+        &[("ETL_FLUSH_INTERVAL_MS", "soon")],
+        "setting ETL_FLUSH_INTERVAL_MS (from the environment): \"soon\"",
     );
 }
 
 #[test]
 fn a_misspelt_setting_is_not_ignored() {
-    let (code, stderr) = start(&[("ETL_KAFKA_BROKER", "127.0.0.1:9092")]);
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(
-        stderr.contains("setting ETL_KAFKA_BROKER (from the environment): unknown setting"),
-        "{stderr}"
+    refused(
+        &[("ETL_KAFKA_BROKER", "127.0.0.1:9092")],
+        "setting ETL_KAFKA_BROKER (from the environment): unknown setting",
     );
 }
 
 #[test]
 fn a_bad_log_filter_names_the_setting() {
-    let (code, stderr) = start(&[("ETL_LOG", "etl=loud")]);
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("setting ETL_LOG"), "{stderr}");
+    refused(&[("ETL_LOG", "etl=loud")], "setting ETL_LOG");
 }
 
 #[test]
 fn a_missing_config_file_names_the_file() {
-    let (code, stderr) = start(&[("ETL_CONFIG_FILE", "/nonexistent/etl.toml")]);
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(
-        stderr.contains("config file /nonexistent/etl.toml"),
-        "{stderr}"
+    refused(
+        &[("ETL_CONFIG_FILE", "/nonexistent/etl.toml")],
+        "config file /nonexistent/etl.toml",
     );
 }
