@@ -135,7 +135,7 @@ pub fn replay(
         let record: CapturedRecord = serde_json::from_str(&text)
             .with_context(|| format!("line {number}: not a {{topic, key, value}} object"))?;
         let Some(table) = Table::from_topic(&record.topic, topic_prefix) else {
-            telemetry::unknown_table(&record.topic);
+            telemetry::unknown_table(&record.topic, 1);
             summary.other_topics += 1;
             continue;
         };

@@ -29,11 +29,11 @@ pub fn counters() -> &'static Counters {
     &COUNTERS
 }
 
-/// Adds one to `key`'s counter; true the first time the key is seen, so the
+/// Adds `by` to `key`'s counter; true the first time the key is seen, so the
 /// caller logs each distinct problem once rather than once per event.
-fn bump<K: std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>, key: K) -> bool {
+fn bump<K: std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>, key: K, by: u64) -> bool {
     if let Some(c) = map.get(&key) {
-        c.fetch_add(1, Ordering::Relaxed);
+        c.fetch_add(by, Ordering::Relaxed);
         return false;
     }
     let mut first = false;
@@ -42,18 +42,19 @@ fn bump<K: std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>, key: K) -> bool {
             first = true;
             AtomicU64::new(0)
         })
-        .fetch_add(1, Ordering::Relaxed);
+        .fetch_add(by, Ordering::Relaxed);
     first
 }
 
 pub fn unknown_column(table: Table, column: &str) {
-    if bump(&counters().unknown_columns, (table, column.to_owned())) {
+    if bump(&counters().unknown_columns, (table, column.to_owned()), 1) {
         tracing::warn!(%table, column, "ignoring a column the processor does not know");
     }
 }
 
-pub fn unknown_table(topic: &str) {
-    if bump(&counters().unknown_tables, topic.to_owned()) {
+/// `records` records of `topic` skipped.
+pub fn unknown_table(topic: &str, records: u64) {
+    if bump(&counters().unknown_tables, topic.to_owned(), records) {
         tracing::warn!(
             topic,
             "ignoring records of a topic that carries no captured table"
@@ -62,7 +63,7 @@ pub fn unknown_table(topic: &str) {
 }
 
 pub fn truncate(table: Table) {
-    bump(&counters().truncates, table);
+    bump(&counters().truncates, table, 1);
     tracing::warn!(
         %table,
         "TRUNCATE is not applied to the aggregates (policy: see README); run reconcile"
@@ -70,14 +71,11 @@ pub fn truncate(table: Table) {
 }
 
 pub fn decode_error(reason: &'static str) {
-    bump(&counters().decode_errors, reason);
+    bump(&counters().decode_errors, reason, 1);
 }
 
 pub fn replay_skipped(aggregate: &'static str, updates: u64) {
-    let map = &counters().replays_skipped;
-    map.entry(aggregate)
-        .or_default()
-        .fetch_add(updates, Ordering::Relaxed);
+    bump(&counters().replays_skipped, aggregate, updates);
 }
 
 /// One log line with every non-zero counter.

@@ -145,9 +145,7 @@ impl Downstream for Pipeline {
         let key = (batch.topic.to_string(), batch.partition);
         let Some(addr) = self.partitions.get(&key).map(|a| a.clone()) else {
             if self.table(&batch.topic).is_none() {
-                for _ in &batch.records {
-                    telemetry::unknown_table(&batch.topic);
-                }
+                telemetry::unknown_table(&batch.topic, batch.records.len() as u64);
                 // Nothing of it is stored, so nothing stands before the commit.
                 if let Some(last) = batch.records.last() {
                     let _ = self.commits.send(CommitRequest {
