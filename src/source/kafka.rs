@@ -77,21 +77,7 @@ impl ConsumerContext for SourceContext {
             Rebalance::Revoke(tpl) => {
                 let lost = consumer.assignment_lost();
                 tracing::info!(partitions = tpl.count(), lost, "partitions revoked");
-                let mut commits = TopicPartitionList::new();
-                for e in tpl.elements() {
-                    if let Some(next) = self.downstream.revoked(e.topic(), e.partition(), lost) {
-                        let _ = commits.add_partition_offset(
-                            e.topic(),
-                            e.partition(),
-                            Offset::Offset(next),
-                        );
-                    }
-                }
-                if commits.count() > 0 {
-                    if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
-                        tracing::warn!(error = %e, "commit on revoke failed; the next owner replays from the previous commit");
-                    }
-                }
+                release(consumer, self.downstream.as_ref(), tpl, lost);
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
@@ -127,6 +113,28 @@ impl ConsumerContext for SourceContext {
                     *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                 }
             }
+        }
+    }
+}
+
+/// Gives up `partitions`: the runtime flushes what they fed (unless `lost`)
+/// and forgets them, then the flushed offsets are committed synchronously, so
+/// the next owner resumes exactly after what is stored.
+fn release<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    downstream: &dyn Downstream,
+    partitions: &TopicPartitionList,
+    lost: bool,
+) {
+    let mut commits = TopicPartitionList::new();
+    for e in partitions.elements() {
+        if let Some(next) = downstream.revoked(e.topic(), e.partition(), lost) {
+            let _ = commits.add_partition_offset(e.topic(), e.partition(), Offset::Offset(next));
+        }
+    }
+    if commits.count() > 0 {
+        if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
+            tracing::warn!(error = %e, "commit on release failed; the next owner replays from the previous commit");
         }
     }
 }
@@ -335,25 +343,10 @@ impl KafkaSource {
     }
 
     fn leave(self) {
+        // Queued flush commits first: the release commit below is newer.
+        self.commit_requested();
         match self.consumer.assignment() {
-            Ok(assignment) => {
-                let mut commits = TopicPartitionList::new();
-                for e in assignment.elements() {
-                    if let Some(next) = self.downstream.revoked(e.topic(), e.partition(), false) {
-                        let _ = commits.add_partition_offset(
-                            e.topic(),
-                            e.partition(),
-                            Offset::Offset(next),
-                        );
-                    }
-                }
-                self.commit_requested();
-                if commits.count() > 0 {
-                    if let Err(e) = self.consumer.commit(&commits, CommitMode::Sync) {
-                        tracing::warn!(error = %e, "final commit failed");
-                    }
-                }
-            }
+            Ok(assignment) => release(&self.consumer, self.downstream.as_ref(), &assignment, false),
             Err(e) => tracing::warn!(error = %e, "cannot read the assignment at shutdown"),
         }
         self.consumer.unsubscribe();
