@@ -158,6 +158,18 @@ impl Settings {
         self.values.get(name).filter(|(v, _)| !v.trim().is_empty())
     }
 
+    /// The error for a bad value of `name`, saying where the value came from.
+    fn invalid(&self, name: &str, why: String) -> ConfigError {
+        let origin = self
+            .raw(name)
+            .map_or(Origin::Environment, |(_, o)| o.clone());
+        ConfigError::Invalid {
+            name: name.to_owned(),
+            origin,
+            why,
+        }
+    }
+
     fn string(&self, name: &str, default: &str) -> String {
         self.raw(name)
             .map(|(v, _)| v.trim().to_owned())
@@ -214,15 +226,8 @@ impl Settings {
     fn url(&self, name: &str, default: &str, schemes: &[&str]) -> Result<String, ConfigError> {
         let url = self.string(name, default);
         if !schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
-            let origin = self
-                .raw(name)
-                .map(|(_, o)| o.clone())
-                .unwrap_or(Origin::Environment);
-            return Err(ConfigError::Invalid {
-                name: name.to_owned(),
-                origin,
-                why: format!("{url:?} is not a {} URL", schemes.join(" or ")),
-            });
+            let why = format!("{url:?} is not a {} URL", schemes.join(" or "));
+            return Err(self.invalid(name, why));
         }
         Ok(url)
     }
@@ -290,14 +295,8 @@ impl Config {
             None => false,
         };
         if !brokers.split(',').all(valid_broker) {
-            return Err(ConfigError::Invalid {
-                name: "ETL_KAFKA_BROKERS".into(),
-                origin: s
-                    .raw("ETL_KAFKA_BROKERS")
-                    .map(|(_, o)| o.clone())
-                    .unwrap_or(Origin::Environment),
-                why: format!("{brokers:?} is not a comma-separated list of host:port"),
-            });
+            let why = format!("{brokers:?} is not a comma-separated list of host:port");
+            return Err(s.invalid("ETL_KAFKA_BROKERS", why));
         }
         Ok(Config {
             kafka: KafkaConfig {
