@@ -11,6 +11,7 @@ pub mod cdc;
 pub mod config;
 pub mod reconcile;
 pub mod replay;
+pub mod restart;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
