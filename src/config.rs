@@ -10,11 +10,20 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::restart::{ActorKind, RestartPolicy};
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub kafka: KafkaConfig,
     pub clickhouse: ClickHouseConfig,
     pub flush: FlushConfig,
+    pub supervision: SupervisionConfig,
+    pub faults: FaultConfig,
+    /// Where events that cannot be decoded go, with the reason in a header.
+    pub dead_letter_topic: String,
+    /// How long SIGTERM/SIGINT may take to flush and commit before the process
+    /// exits without them (the next start replays what was not committed).
+    pub shutdown_timeout: Duration,
     /// Postgres connection URL; only `reconcile` needs it.
     pub postgres_url: Option<String>,
     /// The log filter (tracing's EnvFilter syntax), checked at start-up.
@@ -30,6 +39,10 @@ pub struct KafkaConfig {
     pub session_timeout: Duration,
     /// At most this many records are gathered by one poll (all partitions).
     pub batch_max_records: usize,
+    /// Records handed on but not yet applied; past it the partitions pause.
+    pub max_inflight_records: usize,
+    /// Flushed offsets are committed at most this often (0: after every flush).
+    pub commit_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +70,55 @@ pub struct FlushConfig {
     pub interval: Duration,
     /// ... and as soon as this many rows are dirty.
     pub max_rows: usize,
+}
+
+/// The restart policy of each actor kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SupervisionConfig {
+    pub partition: RestartPolicy,
+    pub aggregator: RestartPolicy,
+    pub sink: RestartPolicy,
+}
+
+impl SupervisionConfig {
+    pub fn policy(&self, kind: ActorKind) -> &RestartPolicy {
+        match kind {
+            ActorKind::Partition => &self.partition,
+            ActorKind::Aggregator => &self.aggregator,
+            ActorKind::Sink => &self.sink,
+        }
+    }
+}
+
+/// Faults to inject, for the fault tests. All off by default.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FaultConfig {
+    /// Chance that an actor of the kind panics on a message, by kind.
+    pub panic_rate: Vec<(ActorKind, f64)>,
+    /// Chance that a ClickHouse insert fails before it is sent.
+    pub insert_failure_rate: f64,
+    /// Added before every ClickHouse insert.
+    pub flush_delay: Duration,
+    /// Test only: applies replayed events again (no offset guard), to show
+    /// that the fault tests would catch double counting.
+    pub no_offset_guard: bool,
+    pub seed: u64,
+}
+
+impl FaultConfig {
+    pub fn panic_rate(&self, kind: ActorKind) -> f64 {
+        self.panic_rate
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map_or(0.0, |(_, r)| *r)
+    }
+
+    pub fn any(&self) -> bool {
+        self != &FaultConfig {
+            seed: self.seed,
+            ..FaultConfig::default()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -223,6 +285,41 @@ impl Settings {
         Ok(Duration::from_millis(ms))
     }
 
+    fn policy(&self, name: &str, kind: ActorKind) -> Result<RestartPolicy, ConfigError> {
+        let defaults = RestartPolicy::default_for(kind);
+        match self.optional(name) {
+            None => Ok(defaults),
+            Some(spec) => RestartPolicy::parse(&spec, &defaults)
+                .map_err(|why| self.invalid(name, format!("{spec:?}: {why}"))),
+        }
+    }
+
+    fn rate(&self, name: &str) -> Result<f64, ConfigError> {
+        self.parsed(name, 0.0, |r: &f64| valid_rate(*r))
+    }
+
+    /// `kind=rate ...`, e.g. `partition=0.01 aggregator=0.001`.
+    fn panic_rates(&self, name: &str) -> Result<Vec<(ActorKind, f64)>, ConfigError> {
+        let Some(spec) = self.optional(name) else {
+            return Ok(Vec::new());
+        };
+        let mut rates = Vec::new();
+        for part in spec.split_whitespace() {
+            let parsed = part.split_once('=').and_then(|(kind, rate)| {
+                let kind = ActorKind::ALL.into_iter().find(|k| k.as_str() == kind)?;
+                Some((kind, rate.parse::<f64>().ok()?))
+            });
+            match parsed {
+                Some((kind, rate)) if valid_rate(rate).is_ok() => rates.push((kind, rate)),
+                _ => {
+                    let why = format!("{part:?} is not KIND=RATE with KIND partition, aggregator or sink and RATE between 0 and 1");
+                    return Err(self.invalid(name, why));
+                }
+            }
+        }
+        Ok(rates)
+    }
+
     fn url(&self, name: &str, default: &str, schemes: &[&str]) -> Result<String, ConfigError> {
         let url = self.string(name, default);
         if !schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
@@ -250,6 +347,18 @@ const KNOWN: &[&str] = &[
     "ETL_FLUSH_MAX_ROWS",
     "ETL_POSTGRES_URL",
     "ETL_LOG",
+    "ETL_MAX_INFLIGHT_RECORDS",
+    "ETL_COMMIT_INTERVAL_MS",
+    "ETL_DEAD_LETTER_TOPIC",
+    "ETL_SHUTDOWN_TIMEOUT_MS",
+    "ETL_RESTART_PARTITION",
+    "ETL_RESTART_AGGREGATOR",
+    "ETL_RESTART_SINK",
+    "ETL_FAULT_PANIC",
+    "ETL_FAULT_INSERT_FAILURE_RATE",
+    "ETL_FAULT_FLUSH_DELAY_MS",
+    "ETL_FAULT_NO_OFFSET_GUARD",
+    "ETL_FAULT_SEED",
 ];
 
 fn known_file_keys() -> String {
@@ -270,6 +379,14 @@ impl FromStr for Validation {
             "off" | "false" => Ok(Validation::Off),
             _ => Err("expected auto, on or off".into()),
         }
+    }
+}
+
+fn valid_rate(rate: f64) -> Result<(), String> {
+    if (0.0..=1.0).contains(&rate) {
+        Ok(())
+    } else {
+        Err("must be between 0 and 1".into())
     }
 }
 
@@ -311,6 +428,8 @@ impl Config {
                     300_000,
                 )?,
                 batch_max_records: s.parsed("ETL_BATCH_MAX_RECORDS", 5_000, at_least(1))?,
+                max_inflight_records: s.parsed("ETL_MAX_INFLIGHT_RECORDS", 20_000, at_least(1))?,
+                commit_interval: s.millis("ETL_COMMIT_INTERVAL_MS", 0, 0, 60_000)?,
             },
             clickhouse: ClickHouseConfig {
                 url: s.url(
@@ -327,6 +446,26 @@ impl Config {
                 interval: s.millis("ETL_FLUSH_INTERVAL_MS", 1_000, 10, 60_000)?,
                 max_rows: s.parsed("ETL_FLUSH_MAX_ROWS", 50_000, at_least(1))?,
             },
+            supervision: SupervisionConfig {
+                partition: s.policy("ETL_RESTART_PARTITION", ActorKind::Partition)?,
+                aggregator: s.policy("ETL_RESTART_AGGREGATOR", ActorKind::Aggregator)?,
+                sink: s.policy("ETL_RESTART_SINK", ActorKind::Sink)?,
+            },
+            faults: FaultConfig {
+                panic_rate: s.panic_rates("ETL_FAULT_PANIC")?,
+                insert_failure_rate: s.rate("ETL_FAULT_INSERT_FAILURE_RATE")?,
+                flush_delay: s.millis("ETL_FAULT_FLUSH_DELAY_MS", 0, 0, 600_000)?,
+                no_offset_guard: s.parsed("ETL_FAULT_NO_OFFSET_GUARD", false, |_| Ok(()))?,
+                seed: s.parsed("ETL_FAULT_SEED", 0, |_| Ok(()))?,
+            },
+            dead_letter_topic: s.string(
+                "ETL_DEAD_LETTER_TOPIC",
+                &format!(
+                    "{}.dead_letter",
+                    s.string("ETL_TOPIC_PREFIX", "online_store")
+                ),
+            ),
+            shutdown_timeout: s.millis("ETL_SHUTDOWN_TIMEOUT_MS", 30_000, 1_000, 600_000)?,
             log: s.string("ETL_LOG", "info"),
             postgres_url: match s.optional("ETL_POSTGRES_URL") {
                 Some(_) => Some(s.url("ETL_POSTGRES_URL", "", &["postgres", "postgresql"])?),

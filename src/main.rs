@@ -10,9 +10,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use etl::actors::Pipeline;
+use etl::actors::{Pipeline, Supervision, Wiring};
 use etl::config::Config;
-use etl::sink::ClickHouseSink;
+use etl::sink::{ClickHouseSink, DeadLetters};
 use etl::source::KafkaSource;
 
 #[derive(Parser)]
@@ -111,26 +111,36 @@ fn reconcile(config: Config) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Exit code for a panic anywhere: the process must not go on with an actor
-/// missing (its numbers would be silently wrong); the orchestrator restarts it.
-const PANIC_EXIT: i32 = 70;
+/// Exit code when supervision gives up: an actor failed more often than its
+/// restart policy allows (or the source thread panicked). The process must
+/// not go on with an actor missing; the orchestrator restarts it clean.
+const EXIT_ESCALATED: i32 = 70;
+/// Exit code when a shutdown did not flush and commit within its bound.
+const EXIT_SHUTDOWN_TIMEOUT: i32 = 4;
 
 fn run(config: Config) -> anyhow::Result<ExitCode> {
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default_hook(info);
-        tracing::error!("panic: {info}; exiting so the process is restarted clean");
-        std::process::exit(PANIC_EXIT);
-    }));
-
+    if config.faults.any() {
+        tracing::warn!(faults = ?config.faults, "FAULT INJECTION IS ON (ETL_FAULT_*): for tests only");
+    }
     let system = actix::System::with_tokio_rt(|| tokio_runtime().expect("tokio runtime"));
     system.block_on(async move {
         let sink = ClickHouseSink::connect(&config.clickhouse)
             .await
             .context("connecting to ClickHouse (setting ETL_CLICKHOUSE_URL)")?;
-        let (commits_tx, commits_rx) = std::sync::mpsc::channel();
-        let pipeline = Arc::new(Pipeline::start(&config, sink, commits_tx));
-        let source = KafkaSource::new(&config.kafka, pipeline, commits_rx)?;
+        let dead_letters = DeadLetters::new(&config.kafka.brokers, &config.dead_letter_topic)
+            .context("creating the dead-letter producer (setting ETL_KAFKA_BROKERS)")?;
+        let (commits, commits_rx) = std::sync::mpsc::channel();
+        let (rewinds, rewinds_rx) = std::sync::mpsc::channel();
+        let (escalations, mut escalated) = tokio::sync::mpsc::unbounded_channel();
+        let wiring = Wiring {
+            sink,
+            dead_letters,
+            supervision: Supervision::new(escalations),
+            commits,
+            rewinds,
+        };
+        let pipeline = Arc::new(Pipeline::start(&config, wiring));
+        let source = KafkaSource::new(&config.kafka, pipeline, commits_rx, rewinds_rx)?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -140,13 +150,28 @@ fn run(config: Config) -> anyhow::Result<ExitCode> {
         })?;
 
         tokio::pin!(done_rx);
+        let source_died = || {
+            tracing::error!("the Kafka source thread panicked; exiting");
+            std::process::exit(EXIT_ESCALATED)
+        };
         let result = tokio::select! {
             signal = shutdown_signal() => {
-                tracing::info!(%signal, "shutting down: flushing and committing");
+                tracing::info!(%signal, bound = ?config.shutdown_timeout, "shutting down: flushing and committing");
                 stop.store(true, Ordering::Relaxed);
-                (&mut done_rx).await.unwrap_or_else(|_| Err(anyhow::anyhow!("source thread died")))
+                match tokio::time::timeout(config.shutdown_timeout, &mut done_rx).await {
+                    Ok(done) => done.unwrap_or_else(|_| source_died()),
+                    Err(_) => {
+                        tracing::error!(bound = ?config.shutdown_timeout, "shutdown did not finish in time (setting ETL_SHUTDOWN_TIMEOUT_MS); exiting without the last flush: the next start replays it");
+                        std::process::exit(EXIT_SHUTDOWN_TIMEOUT);
+                    }
+                }
             }
-            result = &mut done_rx => result.unwrap_or_else(|_| Err(anyhow::anyhow!("source thread died"))),
+            Some(e) = escalated.recv() => {
+                etl::telemetry::log_summary();
+                tracing::error!(kind = e.kind.as_str(), actor = %e.name, "supervision gave up: {}; exiting so the process is restarted", e.reason);
+                std::process::exit(EXIT_ESCALATED);
+            }
+            result = &mut done_rx => result.unwrap_or_else(|_| source_died()),
         };
         etl::telemetry::log_summary();
         actix::System::current().stop();

@@ -9,6 +9,7 @@ use std::sync::LazyLock;
 use dashmap::DashMap;
 
 use crate::cdc::Table;
+use crate::restart::{ActorKind, Exit};
 
 #[derive(Default)]
 pub struct Counters {
@@ -22,6 +23,20 @@ pub struct Counters {
     pub decode_errors: DashMap<&'static str, AtomicU64>,
     /// Key updates skipped by the offset guard (replayed events), by aggregate.
     pub replays_skipped: DashMap<&'static str, AtomicU64>,
+    /// Events sent to the dead-letter topic, by reason.
+    pub dead_letters: DashMap<&'static str, AtomicU64>,
+    /// Actor exits not asked for, by (kind, how: normal, failed, panicked).
+    pub actor_exits: DashMap<(ActorKind, &'static str), AtomicU64>,
+    /// Actors restarted by their supervisor, by kind.
+    pub restarts: DashMap<ActorKind, AtomicU64>,
+    /// Partitions replayed from their commit after a restart, by topic.
+    pub rewinds: DashMap<String, AtomicU64>,
+    /// Rows written to ClickHouse, by aggregate.
+    pub rows_flushed: DashMap<&'static str, AtomicU64>,
+    /// Insert attempts that failed and were retried, by aggregate.
+    pub insert_retries: DashMap<&'static str, AtomicU64>,
+    /// Times the consumer paused its partitions for backpressure.
+    pub pauses: AtomicU64,
 }
 
 pub fn counters() -> &'static Counters {
@@ -78,6 +93,39 @@ pub fn replay_skipped(aggregate: &'static str, updates: u64) {
     bump(&counters().replays_skipped, aggregate, updates);
 }
 
+pub fn dead_letter(reason: &'static str) {
+    bump(&counters().dead_letters, reason, 1);
+}
+
+pub fn actor_exit(kind: ActorKind, exit: &Exit) {
+    let how = match exit {
+        Exit::Normal => "normal",
+        Exit::Failed(_) => "failed",
+        Exit::Panicked(_) => "panicked",
+    };
+    bump(&counters().actor_exits, (kind, how), 1);
+}
+
+pub fn restarted(kind: ActorKind) {
+    bump(&counters().restarts, kind, 1);
+}
+
+pub fn rewind(topic: &str) {
+    bump(&counters().rewinds, topic.to_owned(), 1);
+}
+
+pub fn flushed(aggregate: &'static str, rows: u64) {
+    bump(&counters().rows_flushed, aggregate, rows);
+}
+
+pub fn insert_retry(aggregate: &'static str) {
+    bump(&counters().insert_retries, aggregate, 1);
+}
+
+pub fn paused() {
+    counters().pauses.fetch_add(1, Ordering::Relaxed);
+}
+
 /// One log line with every non-zero counter.
 pub fn log_summary() {
     fn render<K: std::fmt::Debug + std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>) -> String {
@@ -95,6 +143,13 @@ pub fn log_summary() {
         truncates = %render(&c.truncates),
         decode_errors = %render(&c.decode_errors),
         replays_skipped = %render(&c.replays_skipped),
+        dead_letters = %render(&c.dead_letters),
+        actor_exits = %render(&c.actor_exits),
+        restarts = %render(&c.restarts),
+        rewinds = %render(&c.rewinds),
+        rows_flushed = %render(&c.rows_flushed),
+        insert_retries = %render(&c.insert_retries),
+        pauses = c.pauses.load(Ordering::Relaxed),
         "counters"
     );
 }

@@ -1,20 +1,29 @@
 //! The actor runtime that wires source -> decoder -> aggregates -> sink.
 //!
 //! Actors own mailboxes and lifecycles, nothing else: the logic they run is
-//! in `cdc`, `aggregate` and `sink`.
+//! in `cdc`, `aggregate` and `sink`. Every actor is supervised
+//! ([`supervisor`]) under its kind's restart policy.
 //!
 //! - [`PartitionActor`]: one per assigned Kafka partition, started on assign
-//!   and stopped on revoke; decodes a batch of records and hands the changes
-//!   to its table's aggregator.
+//!   and stopped on revoke; decodes a batch of records, sends what cannot be
+//!   decoded to the dead-letter topic and hands the changes to its table's
+//!   aggregator.
 //! - [`AggregatorActor`]: one per table; applies changes to its aggregate
-//!   state and flushes it to ClickHouse on a time or size bound, then asks
-//!   for the flushed offsets to be committed.
+//!   state and flushes it on a time or size bound through its sink actor,
+//!   then asks for the flushed offsets to be committed.
+//! - [`SinkActor`]: one per table; inserts rows into ClickHouse, retrying
+//!   with backoff while it is down.
 //! - [`Pipeline`]: starts them and is what the Kafka source talks to.
 
 mod aggregator;
+mod faults;
 mod partition;
 mod pipeline;
+mod sink;
+pub mod supervisor;
 
-pub use aggregator::{Acquire, AggregatorActor, ApplyChanges, Release};
+pub use aggregator::{Acquire, AggregatorActor, ApplyChanges, Lease, Release, EXIT_UNSTORABLE};
 pub use partition::PartitionActor;
-pub use pipeline::Pipeline;
+pub use pipeline::{Pipeline, Wiring};
+pub use sink::SinkActor;
+pub use supervisor::{Escalation, Supervision};

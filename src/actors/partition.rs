@@ -1,23 +1,84 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use actix::prelude::*;
 
-use super::aggregator::ApplyChanges;
+use super::aggregator::{ApplyChanges, Lease};
+use super::faults::PanicInjector;
+use super::supervisor::Failure;
 use crate::cdc::{self, Decoded, Table};
+use crate::config::FaultConfig;
+use crate::restart::ActorKind;
+use crate::sink::{DeadLetter, DeadLetters};
 use crate::source::RecordBatch;
 use crate::telemetry;
 
-/// Decodes the batches of one Kafka partition.
+/// Where a partition actor sends its changes: the current incarnation of
+/// its table's aggregator, if there is one right now.
+pub type AggregatorRoute = Arc<dyn Fn() -> Option<Recipient<ApplyChanges>> + Send + Sync>;
+
+/// Records handed on and not yet applied (or dropped), process-wide; the
+/// source pauses its partitions above a bound.
+#[derive(Clone, Default)]
+pub struct Inflight(Arc<AtomicUsize>);
+
+impl Inflight {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn permit(&self, records: usize) -> Permit {
+        self.0.fetch_add(records, Ordering::Relaxed);
+        Permit {
+            inflight: self.clone(),
+            records,
+        }
+    }
+}
+
+/// Counts its records as in flight until dropped, however the batch ends.
+pub struct Permit {
+    inflight: Inflight,
+    records: usize,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.inflight.0.fetch_sub(self.records, Ordering::Relaxed);
+    }
+}
+
+/// Decodes the batches of one Kafka partition, one at a time and in order.
 pub struct PartitionActor {
     table: Table,
     partition: i32,
-    aggregator: Recipient<ApplyChanges>,
+    aggregator: AggregatorRoute,
+    /// None until the aggregator has loaded the partition (and again in a
+    /// restarted incarnation, until the partition is rewound): batches are
+    /// dropped meanwhile, to be fetched again from the commit.
+    lease: Option<Lease>,
+    dead_letters: DeadLetters,
+    failure: Failure,
+    panics: PanicInjector,
 }
 
 impl PartitionActor {
-    pub fn new(table: Table, partition: i32, aggregator: Recipient<ApplyChanges>) -> Self {
+    pub fn new(
+        table: Table,
+        partition: i32,
+        aggregator: AggregatorRoute,
+        dead_letters: DeadLetters,
+        faults: &FaultConfig,
+        failure: Failure,
+    ) -> Self {
         PartitionActor {
             table,
             partition,
             aggregator,
+            lease: None,
+            dead_letters,
+            failure,
+            panics: PanicInjector::new(faults, ActorKind::Partition),
         }
     }
 }
@@ -34,37 +95,102 @@ impl Actor for PartitionActor {
     }
 }
 
-/// A batch of records; answered once the aggregator has taken the changes.
+/// A batch of records, with the permit that counts it as in flight.
 #[derive(Message)]
-#[rtype(result = "Result<(), String>")]
-pub struct Decode(pub RecordBatch);
+#[rtype(result = "()")]
+pub struct Decode(pub RecordBatch, pub Permit);
+
+/// Start feeding the aggregator under this lease.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetLease(pub Lease);
+
+/// Answered once every batch sent before it has been handled.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
 
 impl Handler<Decode> for PartitionActor {
-    type Result = ResponseFuture<Result<(), String>>;
+    type Result = ();
 
-    fn handle(&mut self, Decode(batch): Decode, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, Decode(batch, permit): Decode, ctx: &mut Self::Context) {
+        self.panics.maybe_panic("a partition actor");
+        let Some(lease) = self.lease else {
+            return;
+        };
         let mut changes = Vec::with_capacity(batch.records.len());
+        let mut letters = Vec::new();
         let last_offset = batch.records.last().map_or(-1, |r| r.offset);
         for record in &batch.records {
             match cdc::decode(self.table, record.value.as_deref()) {
                 Ok(Decoded::Change(change)) => changes.push((record.offset, change)),
                 Ok(Decoded::Tombstone) => {}
                 Ok(Decoded::Truncate) => telemetry::truncate(self.table),
-                Err(e) => {
-                    telemetry::decode_error(e.kind.as_str());
-                    tracing::error!(
-                        topic = %batch.topic, partition = batch.partition, offset = record.offset,
-                        reason = e.kind.as_str(), error = %e, "cannot decode event; skipped"
-                    );
-                }
+                Err(e) => letters.push(DeadLetter {
+                    reason: e.kind.as_str(),
+                    error: e.to_string(),
+                    topic: batch.topic.clone(),
+                    partition: batch.partition,
+                    offset: record.offset,
+                    key: record.key.clone(),
+                    value: record.value.clone(),
+                }),
             }
         }
         let message = ApplyChanges {
             partition: self.partition,
+            lease,
             last_offset,
             changes,
         };
-        let aggregator = self.aggregator.clone();
-        Box::pin(async move { aggregator.send(message).await.map_err(|e| e.to_string()) })
+        let aggregator = (self.aggregator)();
+        let dead_letters = self.dead_letters.clone();
+        // Waiting keeps the batches in order and makes `Drain` mean drained.
+        // Dead letters are stored before the batch goes on: its offsets can
+        // only be committed after that.
+        let work = async move {
+            for letter in &letters {
+                dead_letters.send(letter).await.map_err(|e| {
+                    format!(
+                        "cannot write the dead letter of {}/{}@{} to {}: {e}",
+                        letter.topic,
+                        letter.partition,
+                        letter.offset,
+                        dead_letters.topic()
+                    )
+                })?;
+                telemetry::dead_letter(letter.reason);
+                tracing::warn!(
+                    topic = %letter.topic, partition = letter.partition, offset = letter.offset,
+                    reason = letter.reason, error = %letter.error, "event sent to the dead-letter topic"
+                );
+            }
+            // An aggregator that is restarting, or a lease gone stale: the
+            // batch is dropped, and the rewind that follows fetches it again.
+            if let Some(aggregator) = aggregator {
+                let _ = aggregator.send(message).await;
+            }
+            drop(permit);
+            Ok::<(), String>(())
+        };
+        ctx.wait(work.into_actor(self).map(|result, act, ctx| {
+            if let Err(reason) = result {
+                act.failure.fail(ctx, reason);
+            }
+        }));
     }
+}
+
+impl Handler<SetLease> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, SetLease(lease): SetLease, _: &mut Self::Context) {
+        self.lease = Some(lease);
+    }
+}
+
+impl Handler<Drain> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Drain, _: &mut Self::Context) {}
 }

@@ -1,26 +1,30 @@
 use std::collections::HashMap;
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use dashmap::DashMap;
 use futures::executor::block_on;
 
-use super::aggregator::{Acquire, AggregatorActor, ApplyChanges, Release};
-use super::partition::{Decode, PartitionActor};
+use super::aggregator::{Acquire, AggregatorActor, Lease, Release};
+use super::partition::{AggregatorRoute, Decode, Drain, Inflight, PartitionActor, SetLease};
+use super::sink::SinkActor;
+use super::supervisor::{Supervised, Supervision};
 use crate::aggregate::{CustomersByMinute, OrdersByMinute, ProductSales, Products};
 use crate::cdc::Table;
-use crate::config::Config;
-use crate::sink::{ClickHouseSink, SinkTable};
-use crate::source::{CommitRequest, Downstream, RecordBatch};
+use crate::config::{Config, FaultConfig, SupervisionConfig};
+use crate::restart::ActorKind;
+use crate::sink::{ClickHouseSink, DeadLetters, SinkTable};
+use crate::source::{CommitRequest, Downstream, RecordBatch, Rewind};
 use crate::telemetry;
 
-/// The mailboxes of one table's aggregator.
+/// The mailboxes of one table's aggregator, whichever incarnation runs.
 #[derive(Clone)]
 struct AggregatorHandle {
-    apply: Recipient<ApplyChanges>,
-    acquire: Recipient<Acquire>,
-    release: Recipient<Release>,
+    apply: AggregatorRoute,
+    acquire: Arc<dyn Fn() -> Option<Recipient<Acquire>> + Send + Sync>,
+    release: Arc<dyn Fn() -> Option<Recipient<Release>> + Send + Sync>,
 }
 
 /// The running actors, as the Kafka source sees them.
@@ -29,49 +33,65 @@ pub struct Pipeline {
     aggregators: HashMap<Table, AggregatorHandle>,
     /// The partition actors, by (topic, partition). Written by the rebalance
     /// hooks and read by the poll loop.
-    partitions: DashMap<(String, i32), Addr<PartitionActor>>,
+    partitions: DashMap<(String, i32), Supervised<PartitionActor>>,
     /// Decoding runs on its own thread, beside the aggregators.
     decoders: ArbiterHandle,
+    supervision: Supervision,
+    policies: SupervisionConfig,
+    faults: Arc<FaultConfig>,
+    dead_letters: DeadLetters,
     /// For the topics of tables that no aggregator reads.
     commits: Sender<CommitRequest>,
+    /// Where a restarted actor asks for its partitions to be replayed.
+    rewinds: Sender<Rewind>,
+    inflight: Inflight,
+    max_inflight: usize,
 }
 
-/// How often and how patiently a newly assigned partition's state is loaded.
+/// How often and how patiently a partition's state is loaded.
 const ACQUIRE_ATTEMPTS: u32 = 5;
 const ACQUIRE_FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
+/// What the pipeline needs from its surroundings.
+pub struct Wiring {
+    pub sink: ClickHouseSink,
+    pub dead_letters: DeadLetters,
+    pub supervision: Supervision,
+    pub commits: Sender<CommitRequest>,
+    pub rewinds: Sender<Rewind>,
+}
+
 impl Pipeline {
-    /// Starts one aggregator per table. Must run inside the actix system.
-    pub fn start(
-        config: &Config,
-        sink: ClickHouseSink,
-        commits: Sender<CommitRequest>,
-    ) -> Pipeline {
-        let prefix = &config.kafka.topic_prefix;
-        let mut aggregators = HashMap::new();
-        let mut add = |table: Table, handle: AggregatorHandle| aggregators.insert(table, handle);
-        add(
-            Table::Orders,
-            aggregator::<OrdersByMinute>(config, prefix, &sink, &commits),
-        );
-        add(
-            Table::OrderItems,
-            aggregator::<ProductSales>(config, prefix, &sink, &commits),
-        );
-        add(
-            Table::Customers,
-            aggregator::<CustomersByMinute>(config, prefix, &sink, &commits),
-        );
-        add(
-            Table::Products,
-            aggregator::<Products>(config, prefix, &sink, &commits),
-        );
+    /// Starts one supervised aggregator (with its sink) per table. Must run
+    /// inside the actix system.
+    pub fn start(config: &Config, wiring: Wiring) -> Pipeline {
+        let faults = Arc::new(config.faults.clone());
+        let here = Arbiter::current();
+        let starter = Starter {
+            config,
+            wiring: &wiring,
+            faults: &faults,
+            arbiter: &here,
+        };
+        let aggregators = HashMap::from([
+            (Table::Orders, starter.aggregator::<OrdersByMinute>()),
+            (Table::OrderItems, starter.aggregator::<ProductSales>()),
+            (Table::Customers, starter.aggregator::<CustomersByMinute>()),
+            (Table::Products, starter.aggregator::<Products>()),
+        ]);
         Pipeline {
-            topic_prefix: prefix.clone(),
+            topic_prefix: config.kafka.topic_prefix.clone(),
             aggregators,
             partitions: DashMap::new(),
             decoders: Arbiter::new().handle(),
-            commits,
+            supervision: wiring.supervision,
+            policies: config.supervision.clone(),
+            faults,
+            dead_letters: wiring.dead_letters,
+            commits: wiring.commits,
+            rewinds: wiring.rewinds,
+            inflight: Inflight::default(),
+            max_inflight: config.kafka.max_inflight_records,
         }
     }
 
@@ -81,25 +101,91 @@ impl Pipeline {
         let table = Table::from_topic(topic, &self.topic_prefix)?;
         Some((table, &self.aggregators[&table]))
     }
+
+    /// Has the aggregator (re)load the partition; returns the new lease.
+    fn acquire(
+        &self,
+        table: Table,
+        handle: &AggregatorHandle,
+        partition: i32,
+    ) -> anyhow::Result<Lease> {
+        let mut backoff = ACQUIRE_FIRST_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            let answer = match (handle.acquire)() {
+                Some(acquire) => block_on(acquire.send(Acquire { partition }))
+                    .unwrap_or_else(|e| Err(format!("the aggregator ended: {e}"))),
+                None => Err("the aggregator is restarting".to_owned()),
+            };
+            match answer {
+                Ok(lease) => return Ok(lease),
+                Err(e) if attempt < ACQUIRE_ATTEMPTS => {
+                    tracing::warn!(%table, partition, attempt, error = %e, "loading partition state failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                Err(e) => anyhow::bail!("loading {table} partition {partition} state: {e}"),
+            }
+        }
+    }
 }
 
-fn aggregator<A: SinkTable>(
-    config: &Config,
-    prefix: &str,
-    sink: &ClickHouseSink,
-    commits: &Sender<CommitRequest>,
-) -> AggregatorHandle {
-    let addr = AggregatorActor::<A>::new(
-        A::SOURCE.topic(prefix),
-        sink.clone(),
-        config.flush.clone(),
-        commits.clone(),
-    )
-    .start();
-    AggregatorHandle {
-        apply: addr.clone().recipient(),
-        acquire: addr.clone().recipient(),
-        release: addr.recipient(),
+/// Builds a table's supervised sink and aggregator.
+struct Starter<'a> {
+    config: &'a Config,
+    wiring: &'a Wiring,
+    faults: &'a Arc<FaultConfig>,
+    arbiter: &'a ArbiterHandle,
+}
+
+impl Starter<'_> {
+    fn aggregator<A: SinkTable>(&self) -> AggregatorHandle {
+        let topic = A::SOURCE.topic(&self.config.kafka.topic_prefix);
+        let policies = &self.config.supervision;
+        let (sink, faults) = (self.wiring.sink.clone(), self.faults.clone());
+        let writer = self.wiring.supervision.start(
+            self.arbiter,
+            ActorKind::Sink,
+            format!("sink {}", A::NAME),
+            policies.sink,
+            move |_| SinkActor::<A>::new(sink.clone(), faults.clone()),
+            // Stateless: the flush it failed stays dirty and is retried.
+            || {},
+        );
+        let (sink, faults) = (self.wiring.sink.clone(), self.faults.clone());
+        let (flush, commits) = (self.config.flush.clone(), self.wiring.commits.clone());
+        let (rewinds, rewind_topic) = (self.wiring.rewinds.clone(), topic.clone());
+        let aggregator: Supervised<AggregatorActor<A>> = self.wiring.supervision.start(
+            self.arbiter,
+            ActorKind::Aggregator,
+            format!("aggregator {}", A::NAME),
+            policies.aggregator,
+            move |_| {
+                AggregatorActor::<A>::new(
+                    topic.clone(),
+                    sink.clone(),
+                    writer.clone(),
+                    flush.clone(),
+                    commits.clone(),
+                    &faults,
+                )
+            },
+            // What it held in memory is gone: every partition it read is
+            // reloaded from ClickHouse and replayed from its last commit.
+            move || {
+                let _ = rewinds.send(Rewind {
+                    topic: rewind_topic.clone(),
+                    partition: None,
+                });
+            },
+        );
+        let (a, b, c) = (aggregator.clone(), aggregator.clone(), aggregator);
+        AggregatorHandle {
+            apply: Arc::new(move || a.addr().map(Addr::recipient)),
+            acquire: Arc::new(move || b.addr().map(Addr::recipient)),
+            release: Arc::new(move || c.addr().map(Addr::recipient)),
+        }
     }
 }
 
@@ -109,41 +195,83 @@ impl Downstream for Pipeline {
             // Its records are counted and skipped in `deliver`.
             return Ok(());
         };
-        let mut backoff = ACQUIRE_FIRST_BACKOFF;
-        let mut attempt = 1;
-        loop {
-            match block_on(aggregator.acquire.send(Acquire { partition })) {
-                Ok(Ok(_rows)) => break,
-                Ok(Err(e)) if attempt < ACQUIRE_ATTEMPTS => {
-                    tracing::warn!(%table, partition, attempt, error = %e, "loading partition state failed; retrying");
-                    std::thread::sleep(backoff);
-                    backoff *= 2;
-                    attempt += 1;
-                }
-                Ok(Err(e)) => anyhow::bail!("loading {table} partition {partition} state: {e}"),
-                Err(e) => anyhow::bail!("{table} aggregator is gone: {e}"),
-            }
+        let lease = self.acquire(table, aggregator, partition)?;
+        let (route, dead_letters, faults) = (
+            aggregator.apply.clone(),
+            self.dead_letters.clone(),
+            self.faults.clone(),
+        );
+        let rewinds = self.rewinds.clone();
+        let rewind_topic = topic.to_owned();
+        let actor = self.supervision.start(
+            &self.decoders,
+            ActorKind::Partition,
+            format!("partition {topic}/{partition}"),
+            self.policies.partition,
+            move |failure| {
+                PartitionActor::new(
+                    table,
+                    partition,
+                    route.clone(),
+                    dead_letters.clone(),
+                    &faults,
+                    failure,
+                )
+            },
+            // The batches in the failed instance's mailbox are gone: replay
+            // the partition from its last commit.
+            move || {
+                let _ = rewinds.send(Rewind {
+                    topic: rewind_topic.clone(),
+                    partition: Some(partition),
+                });
+            },
+        );
+        if let Some(addr) = actor.addr() {
+            addr.do_send(SetLease(lease));
         }
-        let apply = aggregator.apply.clone();
-        let actor = PartitionActor::new(table, partition, apply);
-        let addr = PartitionActor::start_in_arbiter(&self.decoders, move |_| actor);
-        self.partitions.insert((topic.to_owned(), partition), addr);
+        self.partitions.insert((topic.to_owned(), partition), actor);
+        Ok(())
+    }
+
+    fn rewound(&self, topic: &str, partition: i32) -> anyhow::Result<()> {
+        let Some((table, aggregator)) = self.table(topic) else {
+            return Ok(());
+        };
+        let Some(actor) = self
+            .partitions
+            .get(&(topic.to_owned(), partition))
+            .map(|a| a.clone())
+        else {
+            return Ok(());
+        };
+        let lease = self.acquire(table, aggregator, partition)?;
+        // Queued behind any batch from before the rewind, which is dropped
+        // under the old lease (or none).
+        // None: restarting, and its restart asks for another rewind.
+        if let Some(addr) = actor.addr() {
+            addr.do_send(SetLease(lease));
+        }
         Ok(())
     }
 
     fn revoked(&self, topic: &str, partition: i32, lost: bool) -> Option<i64> {
-        // Every batch was awaited by `deliver`, so the actor's mailbox is empty
-        // and its changes are in the aggregator's mailbox ahead of Release.
-        self.partitions.remove(&(topic.to_owned(), partition))?;
+        let (_, actor) = self.partitions.remove(&(topic.to_owned(), partition))?;
+        // Every batch delivered before is applied (or dropped) first.
+        if let Some(addr) = actor.addr() {
+            let _ = block_on(addr.send(Drain));
+        }
+        actor.stop();
         let (_, aggregator) = self.table(topic)?;
-        block_on(aggregator.release.send(Release { partition, lost }))
+        let release = (aggregator.release)()?;
+        block_on(release.send(Release { partition, lost }))
             .ok()
             .flatten()
     }
 
     fn deliver(&self, batch: RecordBatch) -> anyhow::Result<()> {
         let key = (batch.topic.to_string(), batch.partition);
-        let Some(addr) = self.partitions.get(&key).map(|a| a.clone()) else {
+        let Some(actor) = self.partitions.get(&key).map(|a| a.clone()) else {
             if self.table(&batch.topic).is_none() {
                 telemetry::unknown_table(&batch.topic, batch.records.len() as u64);
                 // Nothing of it is stored, so nothing stands before the commit.
@@ -159,8 +287,15 @@ impl Downstream for Pipeline {
             // its next owner resumes from the offset committed on revoke.
             return Ok(());
         };
-        block_on(addr.send(Decode(batch)))
-            .map_err(|e| anyhow::anyhow!("partition actor {key:?} is gone: {e}"))?
-            .map_err(|e| anyhow::anyhow!("aggregator of {key:?} is gone: {e}"))
+        // A restarting partition actor: its restart rewinds the partition.
+        if let Some(addr) = actor.addr() {
+            let permit = self.inflight.permit(batch.records.len());
+            addr.do_send(Decode(batch, permit));
+        }
+        Ok(())
+    }
+
+    fn backlog(&self) -> (usize, usize) {
+        (self.inflight.get(), self.max_inflight)
     }
 }

@@ -50,7 +50,7 @@ pub trait Aggregate: Unpin + 'static {
     const NAME: &'static str;
     /// The source table whose changes feed it.
     const SOURCE: Table;
-    type Key: Clone + Eq + Hash + Ord + Debug + Send + Unpin + 'static;
+    type Key: Clone + Eq + Hash + Ord + Debug + Send + Sync + Unpin + 'static;
     type Value: Measure;
 
     /// The updates one change of `SOURCE` makes; none for other tables.
@@ -58,7 +58,7 @@ pub trait Aggregate: Unpin + 'static {
 }
 
 /// A value the aggregate state can hold.
-pub trait Measure: Clone + Default + PartialEq + Debug + Send + Unpin + 'static {
+pub trait Measure: Clone + Default + PartialEq + Debug + Send + Sync + Unpin + 'static {
     fn apply(&mut self, update: &Update<Self>);
     /// Summed over source partitions: how a key's total is read back.
     fn merge(&mut self, other: &Self);

@@ -29,6 +29,7 @@ pub struct AggregateState<A: Aggregate> {
     /// Per partition, the highest offset handed to this state (applied,
     /// skipped, or without effect): what a flush makes safe to commit.
     watermarks: HashMap<Partition, Offset>,
+    offset_guard: bool,
 }
 
 impl<A: Aggregate> Default for AggregateState<A> {
@@ -36,6 +37,7 @@ impl<A: Aggregate> Default for AggregateState<A> {
         AggregateState {
             entries: HashMap::new(),
             watermarks: HashMap::new(),
+            offset_guard: true,
         }
     }
 }
@@ -49,6 +51,13 @@ pub struct Applied {
 }
 
 impl<A: Aggregate> AggregateState<A> {
+    /// Test only (`ETL_FAULT_NO_OFFSET_GUARD`): applies replayed events again,
+    /// which is what the fault tests must catch as double counting.
+    pub fn without_offset_guard(mut self) -> Self {
+        self.offset_guard = false;
+        self
+    }
+
     /// Applies the change at `offset` of `partition` to every key it touches
     /// whose stored offset is below `offset`.
     pub fn apply(&mut self, partition: Partition, offset: Offset, change: &TableChange) -> Applied {
@@ -63,12 +72,12 @@ impl<A: Aggregate> AggregateState<A> {
                     offset: -1,
                     dirty: false,
                 });
-            if offset <= entry.offset {
+            if offset <= entry.offset && self.offset_guard {
                 applied.keys_skipped += 1;
                 continue;
             }
             entry.value.apply(&update);
-            entry.offset = offset;
+            entry.offset = entry.offset.max(offset);
             entry.dirty = true;
             applied.keys_updated += 1;
         }

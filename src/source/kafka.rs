@@ -23,11 +23,13 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
+use crate::telemetry;
 
 /// One Kafka record, copied out of the consumer's buffers.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub offset: i64,
+    pub key: Option<Bytes>,
     pub value: Option<Bytes>,
 }
 
@@ -48,15 +50,29 @@ pub struct CommitRequest {
     pub next_offset: i64,
 }
 
+/// A request to replay partitions from their last commit, because an actor
+/// that held their unflushed changes was restarted. `partition: None` means
+/// every partition of the topic that this process owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewind {
+    pub topic: String,
+    pub partition: Option<i32>,
+}
+
 /// What the source needs from the runtime. Each call blocks until done.
 pub trait Downstream: Send + Sync + 'static {
     /// A partition was assigned: get ready for its first batch.
     fn assigned(&self, topic: &str, partition: i32) -> anyhow::Result<()>;
+    /// A partition is about to be replayed from its last commit: drop what
+    /// is held of it and reload its stored state.
+    fn rewound(&self, topic: &str, partition: i32) -> anyhow::Result<()>;
     /// A partition is being taken away. Unless `lost`, flush what it fed and
     /// return the offset to commit; forget its state either way.
     fn revoked(&self, topic: &str, partition: i32, lost: bool) -> Option<i64>;
-    /// Hand over a batch; returns once it is accepted.
+    /// Hand over a batch, without waiting for it to be applied.
     fn deliver(&self, batch: RecordBatch) -> anyhow::Result<()>;
+    /// (records handed over and not yet applied, the most there may be).
+    fn backlog(&self) -> (usize, usize);
 }
 
 pub struct SourceContext {
@@ -168,7 +184,19 @@ pub struct KafkaSource {
     consumer: BaseConsumer<SourceContext>,
     downstream: Arc<dyn Downstream>,
     commits: Receiver<CommitRequest>,
+    rewinds: Receiver<Rewind>,
     batch_max_records: usize,
+    commit_interval: Duration,
+}
+
+/// The poll loop's own state.
+#[derive(Default)]
+struct LoopState {
+    topics: HashMap<String, Arc<str>>,
+    /// Flushed offsets not committed yet (latest per partition).
+    pending: HashMap<(String, i32), i64>,
+    last_commit: Option<Instant>,
+    paused: bool,
 }
 
 /// How long a poll gathers records before handing them on.
@@ -183,6 +211,7 @@ impl KafkaSource {
         config: &KafkaConfig,
         downstream: Arc<dyn Downstream>,
         commits: Receiver<CommitRequest>,
+        rewinds: Receiver<Rewind>,
     ) -> anyhow::Result<KafkaSource> {
         let context = SourceContext {
             downstream: downstream.clone(),
@@ -217,23 +246,27 @@ impl KafkaSource {
             consumer,
             downstream,
             commits,
+            rewinds,
             batch_max_records: config.batch_max_records,
+            commit_interval: config.commit_interval,
         })
     }
 
     /// Polls until `stop` is set or something fatal happens; then gives up
     /// every partition the clean way (flush, commit) and leaves the group.
     pub fn run(self, stop: &AtomicBool) -> anyhow::Result<()> {
-        let result = self.poll_until(stop);
-        self.leave();
+        let mut state = LoopState::default();
+        let result = self.poll_until(stop, &mut state);
+        self.leave(&mut state);
         result
     }
 
-    fn poll_until(&self, stop: &AtomicBool) -> anyhow::Result<()> {
-        let mut topics: HashMap<String, Arc<str>> = HashMap::new();
+    fn poll_until(&self, stop: &AtomicBool, state: &mut LoopState) -> anyhow::Result<()> {
         while !stop.load(Ordering::Relaxed) {
-            self.commit_requested();
-            let batches = self.poll_batches(&mut topics);
+            self.commit_requested(state, false);
+            self.rewind_requested(state)?;
+            self.pause_while_backlogged(state);
+            let batches = self.poll_batches(&mut state.topics);
             if let Some(why) = self
                 .consumer
                 .context()
@@ -292,6 +325,7 @@ impl KafkaSource {
             };
             let record = Record {
                 offset: message.offset(),
+                key: message.key().map(Bytes::copy_from_slice),
                 value: message.payload().map(Bytes::copy_from_slice),
             };
             total += 1;
@@ -311,18 +345,107 @@ impl KafkaSource {
         batches
     }
 
-    /// Commits what the aggregators have flushed (latest offset per partition).
-    fn commit_requested(&self) {
-        let mut latest: HashMap<(String, i32), i64> = HashMap::new();
+    /// Pauses every assigned partition while too many records are handed on
+    /// and not yet applied (ClickHouse down or slow), and resumes them once
+    /// half of those are done. Polling goes on meanwhile, so the group
+    /// membership and rebalances are served.
+    fn pause_while_backlogged(&self, state: &mut LoopState) {
+        let (inflight, max) = self.downstream.backlog();
+        let pause = inflight >= max || (state.paused && inflight > max / 2);
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        if pause {
+            // Again each time: partitions assigned meanwhile start unpaused.
+            if let Err(e) = self.consumer.pause(&assignment) {
+                tracing::warn!(error = %e, "cannot pause partitions");
+            }
+            if !state.paused {
+                telemetry::paused();
+                tracing::warn!(inflight, max, "downstream is behind; partitions paused");
+            }
+        } else if state.paused {
+            if let Err(e) = self.consumer.resume(&assignment) {
+                tracing::warn!(error = %e, "cannot resume partitions");
+            }
+            tracing::info!(inflight, "downstream caught up; partitions resumed");
+        }
+        state.paused = pause;
+    }
+
+    /// Replays partitions whose unflushed changes died with an actor: their
+    /// state is reloaded from ClickHouse, then they are read again from the
+    /// last commit. A partition that cannot be rewound stops the process
+    /// rather than going on with a gap.
+    fn rewind_requested(&self, state: &mut LoopState) -> anyhow::Result<()> {
+        let requests: Vec<Rewind> = self.rewinds.try_iter().collect();
+        if requests.is_empty() {
+            return Ok(());
+        }
+        // Flushed offsets first, so the replay starts as late as it can.
+        self.commit_requested(state, true);
+        let assignment = self
+            .consumer
+            .assignment()
+            .context("reading the assignment")?;
+        let mut targets = TopicPartitionList::new();
+        for e in assignment.elements() {
+            if requests
+                .iter()
+                .any(|r| r.topic == e.topic() && r.partition.is_none_or(|p| p == e.partition()))
+                && targets.find_partition(e.topic(), e.partition()).is_none()
+            {
+                targets.add_partition(e.topic(), e.partition());
+            }
+        }
+        if targets.count() == 0 {
+            return Ok(());
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(targets, COMMITTED_TIMEOUT)
+            .context("reading committed offsets to rewind")?;
+        for e in committed.elements() {
+            self.downstream.rewound(e.topic(), e.partition())?;
+            let from = match e.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                _ => Offset::Beginning,
+            };
+            self.consumer
+                .seek(e.topic(), e.partition(), from, COMMITTED_TIMEOUT)
+                .with_context(|| {
+                    format!("rewinding {}/{} to {from:?}", e.topic(), e.partition())
+                })?;
+            telemetry::rewind(e.topic());
+            tracing::warn!(
+                topic = e.topic(),
+                partition = e.partition(),
+                ?from,
+                "partition rewound to its last commit"
+            );
+        }
+        Ok(())
+    }
+
+    /// Commits what the aggregators have flushed (latest offset per
+    /// partition), at most every `commit_interval` unless `now`.
+    fn commit_requested(&self, state: &mut LoopState, now: bool) {
         for request in self.commits.try_iter() {
-            let next = latest
+            let next = state
+                .pending
                 .entry((request.topic, request.partition))
                 .or_insert(0);
             *next = (*next).max(request.next_offset);
         }
-        if latest.is_empty() {
+        let due = now
+            || state
+                .last_commit
+                .is_none_or(|t| t.elapsed() >= self.commit_interval);
+        if state.pending.is_empty() || !due {
             return;
         }
+        state.last_commit = Some(Instant::now());
+        let mut latest = std::mem::take(&mut state.pending);
         // A request can arrive after its partition was revoked (and committed
         // on revoke); committing it then would only move the offset back.
         if let Ok(assignment) = self.consumer.assignment() {
@@ -337,14 +460,19 @@ impl KafkaSource {
         for ((topic, partition), next) in &latest {
             let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
         }
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+        let mode = if now {
+            CommitMode::Sync
+        } else {
+            CommitMode::Async
+        };
+        if let Err(e) = self.consumer.commit(&tpl, mode) {
             tracing::warn!(error = %e, "commit failed; it is retried with the next flush");
         }
     }
 
-    fn leave(self) {
+    fn leave(self, state: &mut LoopState) {
         // Queued flush commits first: the release commit below is newer.
-        self.commit_requested();
+        self.commit_requested(state, true);
         match self.consumer.assignment() {
             Ok(assignment) => release(&self.consumer, self.downstream.as_ref(), &assignment, false),
             Err(e) => tracing::warn!(error = %e, "cannot read the assignment at shutdown"),

@@ -2,4 +2,4 @@
 
 pub mod kafka;
 
-pub use kafka::{CommitRequest, Downstream, KafkaSource, Record, RecordBatch};
+pub use kafka::{CommitRequest, Downstream, KafkaSource, Record, RecordBatch, Rewind};

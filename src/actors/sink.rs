@@ -1,0 +1,101 @@
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use super::faults::PanicInjector;
+use crate::aggregate::StoredRow;
+use crate::config::FaultConfig;
+use crate::restart::ActorKind;
+use crate::sink::{ClickHouseSink, SinkError, SinkTable};
+use crate::telemetry;
+
+/// Rows of one aggregate to insert; answered once they are stored, or with
+/// an error that retrying cannot fix.
+pub struct Write<A: SinkTable> {
+    pub rows: Arc<Vec<StoredRow<A::Key, A::Value>>>,
+}
+
+impl<A: SinkTable> Message for Write<A> {
+    type Result = Result<(), SinkError>;
+}
+
+/// Writes one aggregate's rows to ClickHouse. While ClickHouse is down or
+/// slow it retries with backoff and does not answer, which holds its
+/// aggregator, which holds the partitions feeding it: that is the
+/// backpressure that pauses the consumer.
+pub struct SinkActor<A: SinkTable> {
+    sink: ClickHouseSink,
+    faults: Arc<FaultConfig>,
+    panics: PanicInjector,
+    _aggregate: PhantomData<A>,
+}
+
+/// The first and the longest wait between two attempts of one insert.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl<A: SinkTable> SinkActor<A> {
+    pub fn new(sink: ClickHouseSink, faults: Arc<FaultConfig>) -> Self {
+        SinkActor {
+            sink,
+            panics: PanicInjector::new(&faults, ActorKind::Sink),
+            faults,
+            _aggregate: PhantomData,
+        }
+    }
+}
+
+impl<A: SinkTable> Actor for SinkActor<A> {
+    type Context = Context<Self>;
+}
+
+impl<A: SinkTable> Handler<Write<A>> for SinkActor<A> {
+    type Result = ResponseFuture<Result<(), SinkError>>;
+
+    fn handle(&mut self, Write { rows }: Write<A>, _: &mut Self::Context) -> Self::Result {
+        self.panics.maybe_panic(A::NAME);
+        let sink = self.sink.clone();
+        let faults = self.faults.clone();
+        let mut rng = fastrand::Rng::new();
+        Box::pin(async move {
+            let mut wait = RETRY_FIRST;
+            let mut attempt = 0u64;
+            loop {
+                attempt += 1;
+                if !faults.flush_delay.is_zero() {
+                    tokio::time::sleep(faults.flush_delay).await;
+                }
+                let result = if rng.f64() < faults.insert_failure_rate {
+                    Err(SinkError::Injected)
+                } else {
+                    sink.write::<A>(&rows).await
+                };
+                match result {
+                    Ok(()) => {
+                        if attempt > 1 {
+                            tracing::info!(
+                                aggregate = A::NAME,
+                                attempt,
+                                "insert succeeded after retries"
+                            );
+                        }
+                        return Ok(());
+                    }
+                    Err(e) if e.is_permanent() => return Err(e),
+                    Err(e) => {
+                        telemetry::insert_retry(A::NAME);
+                        // Log the first failure and then every tenth, not each.
+                        if attempt % 10 == 1 {
+                            tracing::warn!(aggregate = A::NAME, attempt, error = %e, retry_in = ?wait, "insert failed; retrying");
+                        }
+                        // Equal jitter: instances that failed together spread out.
+                        tokio::time::sleep(wait / 2 + wait.mul_f64(rng.f64() / 2.0)).await;
+                        wait = (wait * 2).min(RETRY_MAX);
+                    }
+                }
+            }
+        })
+    }
+}
