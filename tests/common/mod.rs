@@ -3,6 +3,8 @@
 //! per-test ClickHouse databases built from `init/clickhouse`.
 #![allow(dead_code)]
 
+pub mod pipeline;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

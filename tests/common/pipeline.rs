@@ -1,0 +1,355 @@
+//! Running the real processor against the stack: start, kill, terminate it,
+//! drive workloads, wait for reconcile, read topics.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use etl::reconcile::{reconcile, Report};
+use etl::sink::ClickHouseSink;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{eventually, repo_root, Stack};
+
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+pub const CATCH_UP: Duration = Duration::from_secs(120);
+pub const TABLES: [&str; 4] = ["customers", "products", "orders", "order_items"];
+pub const PARTITIONS: i32 = 4;
+
+/// The processor under test; killed if the test ends early (a failed
+/// assertion must not leave it running).
+pub struct Processor(pub Child);
+
+impl Drop for Processor {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Processor {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGKILL: a crash, with no flush and no commit.
+    pub fn kill(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+
+    /// SIGTERM; the processor must flush, commit and exit 0.
+    pub fn terminate(&mut self) {
+        let pid = self.0.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = self.0.wait().unwrap();
+        assert!(status.success(), "graceful shutdown exits 0, got {status}");
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+}
+
+/// One test's processor setup: its own ClickHouse database, consumer group,
+/// dead-letter topic and log directory.
+pub struct Run {
+    pub stack: Stack,
+    pub name: String,
+    pub database: String,
+    pub group: String,
+    pub dead_letter_topic: String,
+    pub logs: PathBuf,
+    pub started: u32,
+    /// Extra ETL_* settings of every processor this run starts.
+    pub settings: HashMap<String, String>,
+}
+
+impl Run {
+    /// A run named `name`, with a fresh database and topic.
+    pub async fn new(name: &str) -> Run {
+        let stack = Stack::load();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let database = format!("{name}_{}", now.as_millis());
+        let logs = repo_root().join("target/e2e-logs").join(&database);
+        std::fs::create_dir_all(&logs).unwrap();
+        eprintln!("{name}: database {database}, logs in {}", logs.display());
+        super::fresh_analytics_db(&stack, &database).await;
+        let run = Run {
+            dead_letter_topic: format!("{database}.dead_letter"),
+            group: format!("{database}-group"),
+            stack,
+            name: name.to_owned(),
+            database,
+            logs,
+            started: 0,
+            settings: HashMap::new(),
+        };
+        run.create_topic(&run.dead_letter_topic, 1);
+        run
+    }
+
+    pub fn set(&mut self, name: &str, value: impl ToString) -> &mut Run {
+        self.settings.insert(name.to_owned(), value.to_string());
+        self
+    }
+
+    /// Creates a topic (the broker does not on produce); an existing one is fine.
+    pub fn create_topic(&self, topic: &str, partitions: i32) {
+        let brokers = self.stack.get("ETL_KAFKA_BROKERS");
+        let out = Command::new(self.stack.get("TANSU_BIN"))
+            .args(["topic", "create", topic, "--partitions"])
+            .arg(partitions.to_string())
+            .args(["--broker", &format!("tcp://{brokers}")])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(
+            out.status.success() || text.contains("exist"),
+            "creating topic {topic}: {text}"
+        );
+    }
+
+    pub fn processor_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_etl-processor"));
+        cmd.args(args);
+        for (k, v) in self.stack.vars() {
+            if k.starts_with("ETL_") {
+                cmd.env(k, v);
+            }
+        }
+        cmd.env("ETL_CLICKHOUSE_DATABASE", &self.database)
+            .env("ETL_KAFKA_GROUP_ID", &self.group)
+            .env("ETL_DEAD_LETTER_TOPIC", &self.dead_letter_topic)
+            .env(
+                "ETL_KAFKA_SESSION_TIMEOUT_MS",
+                SESSION_TIMEOUT.as_millis().to_string(),
+            );
+        cmd.envs(&self.settings);
+        cmd
+    }
+
+    pub fn log_path(&self, n: u32) -> PathBuf {
+        self.logs.join(format!("processor-{n}.log"))
+    }
+
+    pub fn log(&self, n: u32) -> String {
+        std::fs::read_to_string(self.log_path(n)).unwrap_or_default()
+    }
+
+    /// Every processor log of this run, concatenated.
+    pub fn all_logs(&self) -> String {
+        (1..=self.started).map(|n| self.log(n)).collect()
+    }
+
+    pub fn start_processor(&mut self) -> Processor {
+        self.started += 1;
+        let log = std::fs::File::create(self.log_path(self.started)).unwrap();
+        Processor(
+            self.processor_command(&["run"])
+                .env("ETL_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("etl-processor starts"),
+        )
+    }
+
+    /// `store_workload.py --seed S ARGS | psql`, in the background.
+    pub fn start_workload(&self, seed: u64, args: &str) -> Child {
+        let script = repo_root().join("tests/workload/store_workload.py");
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "python3 '{}' --seed {seed} {args} | psql -X -q -v ON_ERROR_STOP=1 >/dev/null",
+                script.display()
+            ))
+            .env("PGHOST", self.stack.get("PGHOST"))
+            .env("PGPORT", self.stack.get("PGPORT"))
+            .env("PGUSER", self.stack.get("PGUSER"))
+            .env("PGDATABASE", self.stack.get("PGDATABASE"))
+            .spawn()
+            .unwrap()
+    }
+
+    /// `scripts/stack ARGS` (stop/start a component of the running stack).
+    pub fn stack_command(&self, args: &[&str]) {
+        let status = Command::new(repo_root().join("scripts/stack"))
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "scripts/stack {args:?} failed: {status}");
+    }
+
+    pub async fn sink(&self) -> ClickHouseSink {
+        ClickHouseSink::connect(&self.stack.clickhouse_config(&self.database))
+            .await
+            .unwrap()
+    }
+
+    pub async fn reconcile(&self) -> Report {
+        reconcile(self.stack.get("ETL_POSTGRES_URL"), &self.sink().await)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until reconcile is exact (the processor caught up); at the
+    /// deadline, fails with the differences still there.
+    pub async fn caught_up(&self, phase: &str) -> Report {
+        let started = Instant::now();
+        loop {
+            let report = self.reconcile().await;
+            if report.is_exact() {
+                eprintln!(
+                    "{}: {phase}: exact after {:?}, {} keys",
+                    self.name,
+                    started.elapsed(),
+                    report.compared
+                );
+                return report;
+            }
+            if started.elapsed() > CATCH_UP {
+                let shown: Vec<String> = report
+                    .differences
+                    .iter()
+                    .take(10)
+                    .map(|d| d.to_string())
+                    .collect();
+                panic!(
+                    "{}: {phase}: {} differences after {CATCH_UP:?}, e.g.\n{}",
+                    self.name,
+                    report.differences.len(),
+                    shown.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until the workload of `seed` has created `orders` orders.
+    pub async fn workload_reaches(&self, seed: u64, orders: i64) {
+        let what = format!("workload {seed} to reach {orders} orders");
+        eventually(&what, Duration::from_secs(90), || async {
+            (self.orders_in_postgres(seed).await >= orders).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn orders_in_postgres(&self, seed: u64) -> i64 {
+        let (pg, conn) =
+            tokio_postgres::connect(self.stack.get("ETL_POSTGRES_URL"), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let first_id = 1000 + seed as i64 * 100_000;
+        pg.query_one(
+            "SELECT count(*) FROM orders WHERE id BETWEEN $1 AND $1 + 99999",
+            &[&first_id],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+
+    /// Order lines of the workload's own products already in ClickHouse.
+    pub async fn flushed_item_lines(&self, seed: u64) -> i64 {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Lines {
+            lines: i64,
+        }
+        let first_id = 1000 + seed as i64 * 100_000;
+        let sql = "SELECT sum(lines) FROM product_sales FINAL WHERE product_id BETWEEN ? AND ?";
+        let sink = self.sink().await;
+        let q = sink
+            .client()
+            .query(sql)
+            .bind(first_id)
+            .bind(first_id + 99_999);
+        q.fetch_one::<Lines>().await.unwrap().lines
+    }
+
+    pub fn table_topic(&self, table: &str) -> String {
+        format!("{}.public.{table}", self.stack.get("ETL_TOPIC_PREFIX"))
+    }
+
+    /// Every record of `topic` (all partitions) up to its current end.
+    pub fn read_topic(&self, topic: &str, partitions: i32) -> Vec<TopicRecord> {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.stack.get("ETL_KAFKA_BROKERS"))
+            .set("group.id", format!("{}-reader", self.group))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut records = Vec::new();
+        for partition in 0..partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                .unwrap();
+            if high <= low {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(topic, partition, Offset::Offset(low))
+                .unwrap();
+            consumer.assign(&tpl).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut next = low;
+            while next < high {
+                assert!(Instant::now() < deadline, "reading {topic}/{partition}");
+                let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+                    continue;
+                };
+                let m = message.unwrap();
+                next = m.offset() + 1;
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                let value = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                                (h.key.to_owned(), value.unwrap_or_default())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                records.push(TopicRecord {
+                    partition,
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+            }
+        }
+        records
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TopicRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+pub fn wait(child: &mut Child, what: &str) {
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{what} failed: {status}");
+}
