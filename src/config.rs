@@ -567,6 +567,54 @@ mod tests {
     }
 
     #[test]
+    fn restart_policies_and_faults_are_per_actor_kind() {
+        let c = config(
+            &[
+                ("ETL_RESTART_AGGREGATOR", "transient max=2"),
+                ("ETL_FAULT_PANIC", "partition=0.5 sink=1"),
+            ],
+            None,
+        )
+        .unwrap();
+        let aggregator = RestartPolicy::parse(
+            "transient max=2",
+            &RestartPolicy::default_for(ActorKind::Aggregator),
+        );
+        assert_eq!(c.supervision.aggregator, aggregator.unwrap());
+        assert_eq!(
+            c.supervision.partition,
+            RestartPolicy::default_for(ActorKind::Partition)
+        );
+        assert_eq!(c.faults.panic_rate(ActorKind::Partition), 0.5);
+        assert_eq!(c.faults.panic_rate(ActorKind::Aggregator), 0.0);
+        assert_eq!(c.faults.panic_rate(ActorKind::Sink), 1.0);
+        assert!(c.faults.any());
+        assert!(!config(&[], None).unwrap().faults.any());
+        assert_eq!(c.dead_letter_topic, "online_store.dead_letter");
+
+        let err = config(&[("ETL_RESTART_SINK", "forever")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("setting ETL_RESTART_SINK (from the environment): \"forever\": \"forever\": unknown part"),
+            "{err}"
+        );
+        let err = config(&[("ETL_FAULT_PANIC", "decoder=0.1")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "setting ETL_FAULT_PANIC (from the environment): \"decoder=0.1\" is not KIND=RATE"
+            ),
+            "{err}"
+        );
+        let err = config(&[("ETL_FAULT_PANIC", "sink=2")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("between 0 and 1"), "{err}");
+    }
+
+    #[test]
     fn reconcile_requires_postgres() {
         let err = config(&[], None)
             .unwrap()

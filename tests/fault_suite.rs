@@ -1,0 +1,452 @@
+//! The fault suite, on the real stack: each test injects a fault in the middle
+//! of a workload and ends with reconcile exact (Postgres GROUP BY = ClickHouse,
+//! to the cent) and the dead-letter topic holding exactly the poison events.
+//! The tests take the stack's components away, so they run one at a time.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::eventually;
+use common::pipeline::{wait, Processor, Run, PARTITIONS, SESSION_TIMEOUT, TABLES};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// One fault test at a time: they stop ClickHouse and the broker.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A seed of disjoint workload ids for this test run.
+fn seed(slot: u64) -> u64 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    // Each test takes 20 consecutive seeds; tests and runs do not collide.
+    now.as_secs() % 3_000 * 200 + slot * 20 + 1
+}
+
+/// The key prefix that marks an event produced as poison by these tests.
+const POISON: &str = "poison:";
+
+/// Events the decoder must refuse, with the reason it must give.
+const POISON_EVENTS: &[(&str, &str, &str)] = &[
+    (
+        "orders",
+        "malformed_json",
+        r#"{"before":null,"after":{"id":1"#,
+    ),
+    (
+        "orders",
+        "unknown_op",
+        r#"{"before":null,"after":{"id":900000001},"op":"x"}"#,
+    ),
+    (
+        "customers",
+        "bad_field",
+        r#"{"before":null,"after":{"id":"nine","email":"a@b.c","full_name":"A","created_at":"2024-01-01T00:00:00Z"},"op":"c"}"#,
+    ),
+    (
+        "orders",
+        "missing_before",
+        r#"{"before":null,"after":{"id":900000002,"customer_id":1,"status":"paid","total_amount":"1.00","created_at":"2024-01-01T00:00:00Z","updated_at":"2024-01-01T00:00:00Z"},"op":"u"}"#,
+    ),
+    (
+        "order_items",
+        "missing_after",
+        r#"{"before":null,"after":null,"op":"c"}"#,
+    ),
+];
+
+/// Checks the run's dead-letter topic against the poison in the table
+/// topics: the same events (position, key, bytes) with the right reason, and
+/// each once unless `replays` (a crash may dead-letter an event again).
+fn check_dead_letters(run: &Run, replays: bool) -> usize {
+    let mut expected = BTreeMap::new();
+    for table in TABLES {
+        let topic = run.table_topic(table);
+        for r in run.read_topic(&topic, PARTITIONS) {
+            let key = r
+                .key
+                .clone()
+                .map(|k| String::from_utf8_lossy(&k).into_owned());
+            if let Some(reason) = key
+                .as_deref()
+                .and_then(|k| k.strip_prefix(POISON))
+                .and_then(|k| k.split(':').next())
+            {
+                expected.insert(
+                    (topic.clone(), r.partition, r.offset),
+                    (reason.to_owned(), r),
+                );
+            }
+        }
+    }
+    let letters = run.read_topic(&run.dead_letter_topic, 1);
+    let mut seen = HashSet::new();
+    for letter in &letters {
+        let h = &letter.headers;
+        let position = (
+            h["source.topic"].clone(),
+            h["source.partition"].parse::<i32>().unwrap(),
+            h["source.offset"].parse::<i64>().unwrap(),
+        );
+        let (reason, original) = expected
+            .get(&position)
+            .unwrap_or_else(|| panic!("a dead letter for a valid event: {position:?} {h:?}"));
+        assert_eq!(&h["reason"], reason, "reason of {position:?}");
+        assert!(!h["error"].is_empty());
+        assert_eq!(letter.value, original.value, "bytes of {position:?}");
+        assert_eq!(letter.key, original.key, "key of {position:?}");
+        assert!(
+            seen.insert(position.clone()) || replays,
+            "{position:?} dead-lettered twice"
+        );
+    }
+    let missing: Vec<_> = expected.keys().filter(|p| !seen.contains(*p)).collect();
+    assert!(
+        missing.is_empty(),
+        "poison events not dead-lettered: {missing:?}"
+    );
+    eprintln!(
+        "{}: dead letters: {} events, {} records",
+        run.name,
+        seen.len(),
+        letters.len()
+    );
+    seen.len()
+}
+
+/// Records of the table topics not yet committed by the run's group.
+fn lag(run: &Run) -> i64 {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", run.stack.get("ETL_KAFKA_BROKERS"))
+        .set("group.id", &run.group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for table in TABLES {
+        for p in 0..PARTITIONS {
+            tpl.add_partition(&run.table_topic(table), p);
+        }
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    let mut lag = 0;
+    for e in committed.elements() {
+        let (low, high) = consumer
+            .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))
+            .unwrap();
+        let at = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => low,
+        };
+        lag += high - at;
+    }
+    lag
+}
+
+/// A run whose processors flush often and commit seldom, so that a crash
+/// nearly always finds events flushed but not committed: exactly what the
+/// offset guard must not count twice.
+async fn kill_run(name: &str) -> Run {
+    let mut run = Run::new(name).await;
+    run.set("ETL_FLUSH_INTERVAL_MS", 200)
+        .set("ETL_COMMIT_INTERVAL_MS", 3000);
+    run
+}
+
+/// SIGKILLs the processor at `kills` random points of a running workload,
+/// restarting it each time; returns the processor left running.
+async fn kill_repeatedly(run: &mut Run, first_seed: u64, kills: u32) -> Processor {
+    let mut rng = fastrand::Rng::with_seed(first_seed);
+    let mut processor = run.start_processor();
+    run.caught_up("before the kills").await;
+    for i in 0..kills {
+        let mut workload = run.start_workload(first_seed + u64::from(i), "--orders 120");
+        let after = Duration::from_millis(rng.u64(500..3000));
+        tokio::time::sleep(after).await;
+        processor.kill();
+        eprintln!("{}: kill {} of {kills} after {after:?}", run.name, i + 1);
+        wait(&mut workload, "workload");
+        // The broker hands a dead member's partitions on only after its
+        // session timed out; a member joining before that finds them stuck.
+        tokio::time::sleep(SESSION_TIMEOUT + Duration::from_secs(2)).await;
+        processor = run.start_processor();
+    }
+    processor
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn sigkill_at_ten_random_points_loses_and_doubles_nothing() {
+    let _serial = SERIAL.lock().await;
+    let mut run = kill_run("kill").await;
+    let mut processor = kill_repeatedly(&mut run, seed(0), 10).await;
+    run.caught_up("after 10 SIGKILLs").await;
+    processor.terminate();
+    let log = run.all_logs();
+    let skipped = log.matches("partition state loaded").count();
+    assert!(skipped >= 10 * 4, "every restart reloads its partitions");
+    check_dead_letters(&run, true);
+}
+
+/// The negative control: the same kills with the offset guard off must
+/// leave double counts, or the kill test proves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn without_the_offset_guard_the_kill_test_finds_differences() {
+    let _serial = SERIAL.lock().await;
+    let mut run = kill_run("noguard").await;
+    run.set("ETL_FAULT_NO_OFFSET_GUARD", "true");
+    let mut processor = kill_repeatedly(&mut run, seed(1), 10).await;
+    eventually(
+        "the group to commit everything",
+        Duration::from_secs(120),
+        || async { (lag(&run) == 0).then_some(()) },
+    )
+    .await;
+    processor.terminate();
+    let report = run.reconcile().await;
+    eprintln!(
+        "noguard: {} differences in {} keys",
+        report.differences.len(),
+        report.compared
+    );
+    assert!(
+        !report.is_exact(),
+        "with the offset guard off, replays after SIGKILL must double count"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn clickhouse_down_for_30s_pauses_the_consumer_and_catches_up() {
+    let _serial = SERIAL.lock().await;
+    let mut run = Run::new("chdown").await;
+    run.set("ETL_MAX_INFLIGHT_RECORDS", 2000)
+        .set("ETL_FLUSH_INTERVAL_MS", 500);
+    let mut processor = run.start_processor();
+    run.caught_up("before the outage").await;
+    let seed = seed(2);
+    let mut workload = run.start_workload(seed, "--orders 1500");
+    run.workload_reaches(seed, 100).await;
+    run.stack_command(&["stop", "clickhouse", "--kill"]);
+    let stopped = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_early = processor.rss_kib();
+    eventually("the consumer to pause", Duration::from_secs(25), || async {
+        run.log(1).contains("partitions paused").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed())).await;
+    let rss_late = processor.rss_kib();
+    run.stack_command(&["start", "clickhouse"]);
+    eprintln!(
+        "chdown: ClickHouse down {:?}; RSS {rss_early} KiB after 5 s, {rss_late} KiB at the end",
+        stopped.elapsed()
+    );
+    assert!(
+        rss_late < rss_early + 32 * 1024,
+        "memory must stay flat while ClickHouse is down: {rss_early} -> {rss_late} KiB"
+    );
+    wait(&mut workload, "workload");
+    run.caught_up("after ClickHouse came back").await;
+    let log = run.log(1);
+    assert!(
+        log.contains("insert failed; retrying"),
+        "inserts were retried"
+    );
+    assert!(log.contains("partitions resumed"));
+    processor.terminate();
+    check_dead_letters(&run, false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn a_broker_restart_mid_workload_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let mut run = Run::new("brokerdown").await;
+    let mut processor = run.start_processor();
+    run.caught_up("before the broker restart").await;
+    let seed = seed(3);
+    let mut workload = run.start_workload(seed, "--orders 600");
+    run.workload_reaches(seed, 100).await;
+    run.stack_command(&["stop", "broker", "--kill"]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    run.stack_command(&["start", "broker"]);
+    wait(&mut workload, "workload");
+    run.caught_up("after the broker restart").await;
+    processor.terminate();
+    check_dead_letters(&run, false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn members_joining_and_leaving_repeatedly_lose_nothing() {
+    let _serial = SERIAL.lock().await;
+    let mut run = Run::new("members").await;
+    let mut processor = run.start_processor();
+    run.caught_up("before the rebalances").await;
+    let seed = seed(4);
+    let mut workload = run.start_workload(seed, "--orders 1500");
+    for round in 1..=3 {
+        let mut second = run.start_processor();
+        let n = run.started;
+        eventually(
+            "the second member to take partitions",
+            Duration::from_secs(60),
+            || async { run.log(n).contains("partition state loaded").then_some(()) },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        second.terminate();
+        eprintln!("members: round {round}: joined and left");
+    }
+    wait(&mut workload, "workload");
+    run.caught_up("after three members joined and left").await;
+    processor.terminate();
+    check_dead_letters(&run, false);
+}
+
+/// Lines of `log` that say `actor` was restarted.
+fn restarts_of(log: &str, actor: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("restarting it") && l.contains(actor))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn injected_panics_restart_the_actor_alone_and_lose_nothing() {
+    let _serial = SERIAL.lock().await;
+    let mut run = Run::new("panics").await;
+    let lenient = "permanent max=1000 within=60s backoff=10ms..200ms";
+    run.set(
+        "ETL_FAULT_PANIC",
+        "partition=0.01 aggregator=0.01 sink=0.05",
+    )
+    .set("ETL_RESTART_PARTITION", lenient)
+    .set("ETL_RESTART_AGGREGATOR", lenient)
+    .set("ETL_RESTART_SINK", lenient)
+    .set("ETL_FLUSH_INTERVAL_MS", 300);
+    let mut processor = run.start_processor();
+    let seed = seed(5);
+    let mut workload = run.start_workload(seed, "--orders 600");
+    wait(&mut workload, "workload");
+    run.caught_up("with panics injected").await;
+    processor.terminate();
+    let log = run.log(1);
+    for kind in ["kind=\"partition\"", "kind=\"aggregator\"", "kind=\"sink\""] {
+        let restarts = log
+            .lines()
+            .filter(|l| l.contains("restarting it") && l.contains(kind))
+            .count();
+        eprintln!("panics: {kind}: {restarts} restarts");
+        assert!(restarts > 0, "no {kind} restart in the log");
+    }
+    assert!(
+        log.contains("restarts="),
+        "the restart counters are reported"
+    );
+    assert!(!log.contains("supervision gave up"));
+    check_dead_letters(&run, true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn panics_past_the_intensity_limit_exit_non_zero() {
+    let _serial = SERIAL.lock().await;
+    let mut run = Run::new("intensity").await;
+    run.set("ETL_FAULT_PANIC", "aggregator=1").set(
+        "ETL_RESTART_AGGREGATOR",
+        "permanent max=3 within=60s backoff=10ms..50ms",
+    );
+    let mut processor = run.start_processor();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = processor.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the processor never gave up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(70), "escalation exits 70");
+    let log = run.log(1);
+    let gave_up: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("supervision gave up"))
+        .collect();
+    assert_eq!(gave_up.len(), 1, "one clear line:\n{log}");
+    assert!(
+        gave_up[0].contains("4 failures within 60s exceed the limit of 3 restarts"),
+        "{}",
+        gave_up[0]
+    );
+    let actor = [
+        "orders_by_minute",
+        "product_sales",
+        "customers_by_minute",
+        "products",
+    ]
+    .into_iter()
+    .map(|name| format!("aggregator {name}"))
+    .find(|actor| {
+        gave_up[0].contains(&format!("actor={actor} "))
+            || gave_up[0].ends_with(&format!("actor={actor}"))
+    })
+    .expect("the line names the actor");
+    assert_eq!(
+        restarts_of(&log, &actor),
+        3,
+        "restarted exactly as often as the policy allows"
+    );
+
+    // Without the fault, the next start recovers everything.
+    run.settings.clear();
+    let mut processor = run.start_processor();
+    run.caught_up("after the escalation, restarted without faults")
+        .await;
+    processor.terminate();
+    check_dead_letters(&run, true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn poison_events_go_to_the_dead_letter_topic_and_the_rest_is_counted() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let _serial = SERIAL.lock().await;
+    let mut run = Run::new("poison").await;
+    let mut processor = run.start_processor();
+    let seed = seed(6);
+    let mut workload = run.start_workload(seed, "--orders 300");
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", run.stack.get("ETL_KAFKA_BROKERS"))
+        .create()
+        .unwrap();
+    let nonce = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    for round in 0..2 {
+        for (table, reason, value) in POISON_EVENTS {
+            let key = format!("{POISON}{reason}:{nonce}-{round}");
+            let topic = run.table_topic(table);
+            let record = FutureRecord::to(&topic).key(&key).payload(*value);
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wait(&mut workload, "workload");
+    run.caught_up("with poison events in the topics").await;
+    eventually(
+        "the group to commit everything",
+        Duration::from_secs(60),
+        || async { (lag(&run) == 0).then_some(()) },
+    )
+    .await;
+    processor.terminate();
+    let letters = check_dead_letters(&run, false);
+    assert!(letters >= 2 * POISON_EVENTS.len());
+}
