@@ -321,7 +321,8 @@ impl Run {
                     .map(|h| {
                         h.iter()
                             .map(|h| {
-                                let value = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                                let value =
+                                    h.value.map(|v| String::from_utf8_lossy(v).into_owned());
                                 (h.key.to_owned(), value.unwrap_or_default())
                             })
                             .collect()
