@@ -257,6 +257,38 @@ async fn clickhouse_down_for_30s_pauses_the_consumer_and_catches_up() {
     );
     assert!(log.contains("partitions resumed"));
     processor.terminate();
+
+    // SIGTERM while ClickHouse is down: the last flush cannot finish, so the
+    // process exits 4 at its shutdown bound, and the next start loses nothing.
+    let bound = Duration::from_secs(2);
+    run.set("ETL_SHUTDOWN_TIMEOUT_MS", bound.as_millis());
+    let mut processor = run.start_processor();
+    let n = run.started;
+    let mut workload = run.start_workload(seed + 1, "--orders 200");
+    run.workload_reaches(seed + 1, 20).await;
+    run.stack_command(&["stop", "clickhouse", "--kill"]);
+    eventually("an insert to fail", Duration::from_secs(30), || async {
+        run.log(n).contains("insert failed; retrying").then_some(())
+    })
+    .await;
+    let signalled = Instant::now();
+    let status = processor.sigterm();
+    let took = signalled.elapsed();
+    eprintln!("chdown: SIGTERM during the outage: {status} after {took:?}");
+    assert_eq!(status.code(), Some(4), "exit 4 past the shutdown bound");
+    assert!(
+        took >= bound && took < bound + Duration::from_secs(3),
+        "{took:?}"
+    );
+    run.stack_command(&["start", "clickhouse"]);
+    wait(&mut workload, "workload");
+    // It left without leaving the group: its partitions move on at the timeout.
+    tokio::time::sleep(SESSION_TIMEOUT + Duration::from_secs(2)).await;
+    run.settings.remove("ETL_SHUTDOWN_TIMEOUT_MS");
+    let mut processor = run.start_processor();
+    run.caught_up("after a shutdown cut short by its bound")
+        .await;
+    processor.terminate();
     check_dead_letters(&run, false);
 }
 
@@ -320,28 +352,35 @@ async fn injected_panics_restart_the_actor_alone_and_lose_nothing() {
     let _serial = SERIAL.lock().await;
     let mut run = Run::new("panics").await;
     let lenient = "permanent max=1000 within=60s backoff=10ms..200ms";
-    run.set(
-        "ETL_FAULT_PANIC",
-        "partition=0.01 aggregator=0.01 sink=0.05",
-    )
-    .set("ETL_RESTART_PARTITION", lenient)
-    .set("ETL_RESTART_AGGREGATOR", lenient)
-    .set("ETL_RESTART_SINK", lenient)
-    .set("ETL_FLUSH_INTERVAL_MS", 300);
+    run.set("ETL_FAULT_PANIC", "partition=0.02 aggregator=0.05 sink=0.1")
+        .set("ETL_RESTART_PARTITION", lenient)
+        .set("ETL_RESTART_AGGREGATOR", lenient)
+        .set("ETL_RESTART_SINK", lenient)
+        .set("ETL_FLUSH_INTERVAL_MS", 300);
     let mut processor = run.start_processor();
-    let seed = seed(5);
-    let mut workload = run.start_workload(seed, "--orders 600");
-    wait(&mut workload, "workload");
-    run.caught_up("with panics injected").await;
+    let kinds = ["kind=\"partition\"", "kind=\"aggregator\"", "kind=\"sink\""];
+    let restarts = |log: &str, kind: &str| {
+        log.lines()
+            .filter(|l| l.contains("restarting it") && l.contains(kind))
+            .count()
+    };
+    // Panics are drawn at random: workloads go on until every kind has
+    // been restarted at least once (and the totals stay exact throughout).
+    let first = seed(5);
+    for chunk in 0..6 {
+        let mut workload = run.start_workload(first + chunk, "--orders 200");
+        wait(&mut workload, "workload");
+        run.caught_up("with panics injected").await;
+        let log = run.log(1);
+        if kinds.iter().all(|k| restarts(&log, k) > 0) {
+            break;
+        }
+    }
     processor.terminate();
     let log = run.log(1);
-    for kind in ["kind=\"partition\"", "kind=\"aggregator\"", "kind=\"sink\""] {
-        let restarts = log
-            .lines()
-            .filter(|l| l.contains("restarting it") && l.contains(kind))
-            .count();
-        eprintln!("panics: {kind}: {restarts} restarts");
-        assert!(restarts > 0, "no {kind} restart in the log");
+    for kind in kinds {
+        eprintln!("panics: {kind}: {} restarts", restarts(&log, kind));
+        assert!(restarts(&log, kind) > 0, "no {kind} restart in the log");
     }
     assert!(
         log.contains("restarts="),

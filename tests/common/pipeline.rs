@@ -43,15 +43,20 @@ impl Processor {
         self.0.wait().unwrap();
     }
 
-    /// SIGTERM; the processor must flush, commit and exit 0.
-    pub fn terminate(&mut self) {
+    /// SIGTERM; waits for the exit.
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
         let pid = self.0.id().to_string();
         assert!(Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .unwrap()
             .success());
-        let status = self.0.wait().unwrap();
+        self.0.wait().unwrap()
+    }
+
+    /// SIGTERM; the processor must flush, commit and exit 0.
+    pub fn terminate(&mut self) {
+        let status = self.sigterm();
         assert!(status.success(), "graceful shutdown exits 0, got {status}");
     }
 
