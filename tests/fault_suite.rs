@@ -353,6 +353,8 @@ async fn injected_panics_restart_the_actor_alone_and_lose_nothing() {
     let mut run = Run::new("panics").await;
     let lenient = "permanent max=1000 within=60s backoff=10ms..200ms";
     run.set("ETL_FAULT_PANIC", "partition=0.02 aggregator=0.05 sink=0.1")
+        .set("ETL_FAULT_INSERT_FAILURE_RATE", 0.2)
+        .set("ETL_FAULT_FLUSH_DELAY_MS", 100)
         .set("ETL_RESTART_PARTITION", lenient)
         .set("ETL_RESTART_AGGREGATOR", lenient)
         .set("ETL_RESTART_SINK", lenient)
@@ -382,6 +384,10 @@ async fn injected_panics_restart_the_actor_alone_and_lose_nothing() {
         eprintln!("panics: {kind}: {} restarts", restarts(&log, kind));
         assert!(restarts(&log, kind) > 0, "no {kind} restart in the log");
     }
+    assert!(
+        log.contains("injected insert failure"),
+        "failed inserts were injected and retried"
+    );
     assert!(
         log.contains("restarts="),
         "the restart counters are reported"
