@@ -5,17 +5,13 @@ use actix::prelude::*;
 
 use super::aggregator::{ApplyChanges, Lease};
 use super::faults::PanicInjector;
-use super::supervisor::Failure;
+use super::supervisor::{Failure, Route};
 use crate::cdc::{self, Decoded, Table};
 use crate::config::FaultConfig;
 use crate::restart::ActorKind;
 use crate::sink::{DeadLetter, DeadLetters};
 use crate::source::RecordBatch;
 use crate::telemetry;
-
-/// Where a partition actor sends its changes: the current incarnation of
-/// its table's aggregator, if there is one right now.
-pub type AggregatorRoute = Arc<dyn Fn() -> Option<Recipient<ApplyChanges>> + Send + Sync>;
 
 /// Records handed on and not yet applied (or dropped), process-wide; the
 /// source pauses its partitions above a bound.
@@ -52,7 +48,7 @@ impl Drop for Permit {
 pub struct PartitionActor {
     table: Table,
     partition: i32,
-    aggregator: AggregatorRoute,
+    aggregator: Route<ApplyChanges>,
     /// None until the aggregator has loaded the partition (and again in a
     /// restarted incarnation, until the partition is rewound): batches are
     /// dropped meanwhile, to be fetched again from the commit.
@@ -66,7 +62,7 @@ impl PartitionActor {
     pub fn new(
         table: Table,
         partition: i32,
-        aggregator: AggregatorRoute,
+        aggregator: Route<ApplyChanges>,
         dead_letters: DeadLetters,
         faults: &FaultConfig,
         failure: Failure,

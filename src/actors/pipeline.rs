@@ -7,10 +7,10 @@ use actix::prelude::*;
 use dashmap::DashMap;
 use futures::executor::block_on;
 
-use super::aggregator::{Acquire, AggregatorActor, Lease, Release};
-use super::partition::{AggregatorRoute, Decode, Drain, Inflight, PartitionActor, SetLease};
+use super::aggregator::{Acquire, AggregatorActor, ApplyChanges, Lease, Release};
+use super::partition::{Decode, Drain, Inflight, PartitionActor, SetLease};
 use super::sink::SinkActor;
-use super::supervisor::{Supervised, Supervision};
+use super::supervisor::{Route, Supervised, Supervision};
 use crate::aggregate::{CustomersByMinute, OrdersByMinute, ProductSales, Products};
 use crate::cdc::Table;
 use crate::config::{Config, FaultConfig, SupervisionConfig};
@@ -22,9 +22,9 @@ use crate::telemetry;
 /// The mailboxes of one table's aggregator, whichever incarnation runs.
 #[derive(Clone)]
 struct AggregatorHandle {
-    apply: AggregatorRoute,
-    acquire: Arc<dyn Fn() -> Option<Recipient<Acquire>> + Send + Sync>,
-    release: Arc<dyn Fn() -> Option<Recipient<Release>> + Send + Sync>,
+    apply: Route<ApplyChanges>,
+    acquire: Route<Acquire>,
+    release: Route<Release>,
 }
 
 /// The running actors, as the Kafka source sees them.
@@ -180,11 +180,10 @@ impl Starter<'_> {
                 });
             },
         );
-        let (a, b, c) = (aggregator.clone(), aggregator.clone(), aggregator);
         AggregatorHandle {
-            apply: Arc::new(move || a.addr().map(Addr::recipient)),
-            acquire: Arc::new(move || b.addr().map(Addr::recipient)),
-            release: Arc::new(move || c.addr().map(Addr::recipient)),
+            apply: aggregator.route(),
+            acquire: aggregator.route(),
+            release: aggregator.route(),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use actix::dev::channel;
+use actix::dev::{channel, ToEnvelope};
 use actix::prelude::*;
 
 use crate::restart::{ActorKind, Decision, Exit, RestartPolicy, RestartTracker};
@@ -21,6 +21,10 @@ use crate::telemetry;
 
 /// Mailbox size of a supervised actor, as actix's default.
 const MAILBOX: usize = 16;
+
+/// Where message `M` can be sent right now: None while the actor restarts
+/// (or after it ended).
+pub type Route<M> = Arc<dyn Fn() -> Option<Recipient<M>> + Send + Sync>;
 
 /// A stable handle on a supervised actor: it follows restarts.
 pub struct Supervised<A: Actor> {
@@ -64,6 +68,18 @@ impl<A: Actor> Supervised<A> {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// A route to message `M` that always reaches the current incarnation.
+    pub fn route<M>(&self) -> Route<M>
+    where
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: Message + Send + 'static,
+        M::Result: Send,
+    {
+        let this = self.clone();
+        Arc::new(move || this.addr().map(Addr::recipient))
     }
 
     /// Ends the actor on purpose: it is not restarted. It stops once the

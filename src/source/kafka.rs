@@ -352,6 +352,10 @@ impl KafkaSource {
     fn pause_while_backlogged(&self, state: &mut LoopState) {
         let (inflight, max) = self.downstream.backlog();
         let pause = inflight >= max || (state.paused && inflight > max / 2);
+        // On the poll path: read the assignment only when there is something to do.
+        if !pause && !state.paused {
+            return;
+        }
         let Ok(assignment) = self.consumer.assignment() else {
             return;
         };
