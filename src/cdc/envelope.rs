@@ -20,6 +20,20 @@ pub enum Decoded {
     Truncate,
 }
 
+/// A decoded record and when its change was committed in the source
+/// database (Debezium's `source.ts_ms`), if the event says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub decoded: Decoded,
+    pub committed_at_ms: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+struct SourceInfo {
+    #[serde(default)]
+    ts_ms: Option<i64>,
+}
+
 /// Both envelope shapes in one pass: `payload` (+ `schema`) when schemas are
 /// on, the envelope fields at the top when they are off.
 #[derive(Deserialize)]
@@ -37,6 +51,8 @@ struct Message<'a> {
     after: Option<&'a RawValue>,
     #[serde(borrow, default)]
     op: Option<&'a str>,
+    #[serde(default)]
+    source: Option<SourceInfo>,
 }
 
 #[derive(Deserialize, Default)]
@@ -47,6 +63,8 @@ struct Envelope<'a> {
     after: Option<&'a RawValue>,
     #[serde(borrow, default)]
     op: Option<&'a str>,
+    #[serde(default)]
+    source: Option<SourceInfo>,
 }
 
 /// Tells a field that is there but null from one that is absent.
@@ -62,14 +80,23 @@ fn malformed(what: impl std::fmt::Display) -> DecodeError {
 
 /// Decodes the value of one record from `table`'s topic.
 pub fn decode(table: Table, value: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+    decode_event(table, value).map(|e| e.decoded)
+}
+
+/// [`decode`], keeping the event's commit time too.
+pub fn decode_event(table: Table, value: Option<&[u8]>) -> Result<Event, DecodeError> {
+    let tombstone = Event {
+        decoded: Decoded::Tombstone,
+        committed_at_ms: None,
+    };
     let bytes = match value {
-        None => return Ok(Decoded::Tombstone),
-        Some(b) if b.trim_ascii() == b"null" => return Ok(Decoded::Tombstone),
+        None => return Ok(tombstone),
+        Some(b) if b.trim_ascii() == b"null" => return Ok(tombstone),
         Some(b) => b,
     };
     let message: Message = serde_json::from_slice(bytes).map_err(malformed)?;
     let (envelope, schema) = match message.payload {
-        Some(None) => return Ok(Decoded::Tombstone),
+        Some(None) => return Ok(tombstone),
         Some(Some(payload)) => {
             let envelope: Envelope = serde_json::from_str(payload.get()).map_err(malformed)?;
             (envelope, message.schema)
@@ -79,16 +106,22 @@ pub fn decode(table: Table, value: Option<&[u8]>) -> Result<Decoded, DecodeError
                 before: message.before,
                 after: message.after,
                 op: message.op,
+                source: message.source,
             },
             None,
         ),
+    };
+    let committed_at_ms = envelope.source.and_then(|s| s.ts_ms);
+    let event = |decoded| Event {
+        decoded,
+        committed_at_ms,
     };
     let op = match envelope.op {
         Some("c") => Op::Create,
         Some("u") => Op::Update,
         Some("d") => Op::Delete,
         Some("r") => Op::Read,
-        Some("t") => return Ok(Decoded::Truncate),
+        Some("t") => return Ok(event(Decoded::Truncate)),
         Some(other) => {
             return Err(DecodeError::new(
                 DecodeErrorKind::UnknownOp,
@@ -106,12 +139,12 @@ pub fn decode(table: Table, value: Option<&[u8]>) -> Result<Decoded, DecodeError
     let schema = schema.map(|_| columns.as_slice());
     let before = envelope.before;
     let after = envelope.after;
-    Ok(Decoded::Change(match table {
+    Ok(event(Decoded::Change(match table {
         Table::Customers => TableChange::Customer(change(table, op, before, after, schema)?),
         Table::Products => TableChange::Product(change(table, op, before, after, schema)?),
         Table::Orders => TableChange::Order(change(table, op, before, after, schema)?),
         Table::OrderItems => TableChange::OrderItem(change(table, op, before, after, schema)?),
-    }))
+    })))
 }
 
 fn change<R: SourceRow>(
@@ -202,6 +235,25 @@ mod tests {
         let after = order_change(value).after.unwrap();
         assert_eq!(after.total_amount.to_string(), "37.49");
         assert_eq!(after.created_at.timestamp(), 1_706_778_010);
+    }
+
+    #[test]
+    fn the_commit_time_comes_from_source_ts_ms_in_both_shapes() {
+        let off = format!(
+            r#"{{"before":null,"after":{ORDER_AFTER},"op":"c","source":{{"db":"s","ts_ms":1706778010250}},"ts_ms":1706778011000}}"#
+        );
+        let on = format!(
+            r#"{{"schema":null,"payload":{{"before":null,"after":{ORDER_AFTER},"op":"c","source":{{"ts_ms":17}}}}}}"#
+        );
+        let at = |v: &str| {
+            decode_event(Table::Orders, Some(v.as_bytes()))
+                .unwrap()
+                .committed_at_ms
+        };
+        assert_eq!(at(&off), Some(1_706_778_010_250));
+        assert_eq!(at(&on), Some(17));
+        let no_source = format!(r#"{{"before":null,"after":{ORDER_AFTER},"op":"c"}}"#);
+        assert_eq!(at(&no_source), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod envelope;
 mod field;
 mod tables;
 
-pub use envelope::{decode, Decoded};
+pub use envelope::{decode, decode_event, Decoded, Event};
 pub use field::Minute;
 pub use tables::{Customer, Order, OrderItem, Product, TableChange};
 
@@ -59,6 +59,17 @@ impl fmt::Display for Table {
     }
 }
 
+impl TableChange {
+    pub fn op(&self) -> Op {
+        match self {
+            TableChange::Customer(c) => c.op,
+            TableChange::Product(c) => c.op,
+            TableChange::Order(c) => c.op,
+            TableChange::OrderItem(c) => c.op,
+        }
+    }
+}
+
 /// Debezium's `op` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
@@ -73,6 +84,16 @@ pub enum Op {
 }
 
 impl Op {
+    /// For metrics: what happened to the row, in words.
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::Create => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Read => "snapshot",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Op::Create => "c",
@@ -116,6 +137,14 @@ pub enum DecodeErrorKind {
 }
 
 impl DecodeErrorKind {
+    pub const ALL: [DecodeErrorKind; 5] = [
+        DecodeErrorKind::MalformedJson,
+        DecodeErrorKind::UnknownOp,
+        DecodeErrorKind::BadField,
+        DecodeErrorKind::MissingBefore,
+        DecodeErrorKind::MissingAfter,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DecodeErrorKind::MalformedJson => "malformed_json",
