@@ -28,6 +28,21 @@ pub struct Config {
     pub postgres_url: Option<String>,
     /// The log filter (tracing's EnvFilter syntax), checked at start-up.
     pub log: String,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Where the processor reports on itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryConfig {
+    /// Serves /metrics (Prometheus), /health/live and /health/ready; None: off.
+    /// Port 0 picks a free port (logged at start-up).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// OTLP/HTTP endpoint for traces (spans go to `<endpoint>/v1/traces`);
+    /// None: no traces are exported.
+    pub otel_endpoint: Option<String>,
+    /// Share of batch traces kept (a trace started upstream keeps its
+    /// parent's decision).
+    pub sample_ratio: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -359,6 +374,9 @@ const KNOWN: &[&str] = &[
     "ETL_FAULT_FLUSH_DELAY_MS",
     "ETL_FAULT_NO_OFFSET_GUARD",
     "ETL_FAULT_SEED",
+    "ETL_METRICS_ADDR",
+    "ETL_OTEL_ENDPOINT",
+    "ETL_OTEL_SAMPLE_RATIO",
 ];
 
 fn known_file_keys() -> String {
@@ -467,6 +485,21 @@ impl Config {
             ),
             shutdown_timeout: s.millis("ETL_SHUTDOWN_TIMEOUT_MS", 30_000, 1_000, 600_000)?,
             log: s.string("ETL_LOG", "info"),
+            telemetry: TelemetryConfig {
+                metrics_addr: match s.string("ETL_METRICS_ADDR", "127.0.0.1:9464").as_str() {
+                    "off" => None,
+                    _ => Some(s.parsed(
+                        "ETL_METRICS_ADDR",
+                        ([127, 0, 0, 1], 9464).into(),
+                        |_| Ok(()),
+                    )?),
+                },
+                otel_endpoint: match s.optional("ETL_OTEL_ENDPOINT") {
+                    Some(_) => Some(s.url("ETL_OTEL_ENDPOINT", "", &["http", "https"])?),
+                    None => None,
+                },
+                sample_ratio: s.parsed("ETL_OTEL_SAMPLE_RATIO", 1.0, |r: &f64| valid_rate(*r))?,
+            },
             postgres_url: match s.optional("ETL_POSTGRES_URL") {
                 Some(_) => Some(s.url("ETL_POSTGRES_URL", "", &["postgres", "postgresql"])?),
                 None => None,
@@ -502,6 +535,40 @@ mod tests {
         assert_eq!(c.flush.interval, Duration::from_secs(1));
         assert_eq!(c.kafka.topic_prefix, "online_store");
         assert_eq!(c.clickhouse.validation, Validation::Auto);
+        assert_eq!(
+            c.telemetry.metrics_addr,
+            Some(([127, 0, 0, 1], 9464).into())
+        );
+        assert_eq!(c.telemetry.otel_endpoint, None);
+    }
+
+    #[test]
+    fn telemetry_settings() {
+        let c = config(
+            &[
+                ("ETL_METRICS_ADDR", "0.0.0.0:0"),
+                ("ETL_OTEL_ENDPOINT", "http://collector:4318"),
+                ("ETL_OTEL_SAMPLE_RATIO", "0.25"),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.telemetry.metrics_addr, Some(([0, 0, 0, 0], 0).into()));
+        assert_eq!(
+            c.telemetry.otel_endpoint.as_deref(),
+            Some("http://collector:4318")
+        );
+        assert_eq!(c.telemetry.sample_ratio, 0.25);
+        let off = config(&[("ETL_METRICS_ADDR", "off")], None).unwrap();
+        assert_eq!(off.telemetry.metrics_addr, None);
+        for (name, value) in [
+            ("ETL_METRICS_ADDR", "localhost"),
+            ("ETL_OTEL_ENDPOINT", "collector:4318"),
+            ("ETL_OTEL_SAMPLE_RATIO", "2"),
+        ] {
+            let err = config(&[(name, value)], None).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("setting {name}")), "{err}");
+        }
     }
 
     #[test]

@@ -13,7 +13,9 @@ use crate::config::{FaultConfig, FlushConfig};
 use crate::restart::ActorKind;
 use crate::sink::{ClickHouseSink, SinkTable};
 use crate::source::CommitRequest;
-use crate::telemetry;
+use crate::telemetry::{self, metrics, traces, Queued};
+use opentelemetry::trace::SpanContext;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The right to feed one partition to an aggregator instance, granted by
 /// `Acquire`. A batch under any other lease (from before a restart or a
@@ -30,6 +32,11 @@ pub struct ApplyChanges {
     pub lease: Lease,
     pub last_offset: i64,
     pub changes: Vec<(i64, TableChange)>,
+    /// When the newest event of the batch was committed in Postgres.
+    pub newest_committed_ms: Option<i64>,
+    pub queued: Queued,
+    /// The batch's trace.
+    pub span: tracing::Span,
 }
 
 /// A batch under a lease that is no longer current: dropped; the partition
@@ -70,6 +77,8 @@ pub struct AggregatorActor<A: SinkTable> {
     leases: HashMap<i32, Lease>,
     next_lease: u64,
     panics: PanicInjector,
+    /// The traced batches applied since the last flush, which it links to.
+    batches_since_flush: Vec<SpanContext>,
 }
 
 impl<A: SinkTable> AggregatorActor<A> {
@@ -98,6 +107,7 @@ impl<A: SinkTable> AggregatorActor<A> {
             // Leases of different incarnations must differ too.
             next_lease: fastrand::u64(..) >> 16,
             panics: PanicInjector::new(faults, ActorKind::Aggregator),
+            batches_since_flush: Vec::new(),
         }
     }
 
@@ -116,7 +126,16 @@ impl<A: SinkTable> AggregatorActor<A> {
             return;
         }
         self.updated_since_flush = 0;
-        let write = self.write(rows.clone());
+        let span = tracing::info_span!(
+            "flush",
+            aggregate = A::NAME,
+            rows = rows.len(),
+            batches = self.batches_since_flush.len()
+        );
+        for batch in self.batches_since_flush.drain(..) {
+            span.add_link(batch);
+        }
+        let write = self.write(rows.clone(), span);
         ctx.wait(
             write
                 .into_actor(self)
@@ -124,6 +143,7 @@ impl<A: SinkTable> AggregatorActor<A> {
                     Ok(took) => {
                         act.state.mark_flushed(&rows);
                         telemetry::flushed(A::NAME, rows.len() as u64);
+                        metrics::record_flush(A::NAME, took);
                         tracing::debug!(aggregate = A::NAME, rows = rows.len(), ?took, "flushed");
                         for (partition, offset) in marks {
                             act.committed.insert(partition, offset);
@@ -151,15 +171,22 @@ impl<A: SinkTable> AggregatorActor<A> {
     fn write(
         &self,
         rows: Arc<Vec<crate::aggregate::StoredRow<A::Key, A::Value>>>,
+        span: tracing::Span,
     ) -> impl std::future::Future<Output = Result<std::time::Duration, WriteFailed>> + 'static {
         let writer = self.writer.addr();
+        let mailbox = self.writer.mailbox().clone();
         async move {
             let started = std::time::Instant::now();
             if rows.is_empty() {
                 return Ok(started.elapsed());
             }
             let writer = writer.ok_or(WriteFailed::SinkGone)?;
-            match writer.send(Write { rows }).await {
+            let write = Write {
+                rows,
+                queued: mailbox.enqueued(),
+                span,
+            };
+            match writer.send(write).await {
                 Ok(Ok(())) => Ok(started.elapsed()),
                 Ok(Err(e)) => Err(WriteFailed::Unstorable(e)),
                 Err(_) => Err(WriteFailed::SinkGone),
@@ -204,10 +231,12 @@ impl<A: SinkTable> Handler<ApplyChanges> for AggregatorActor<A> {
     type Result = Result<(), StaleLease>;
 
     fn handle(&mut self, batch: ApplyChanges, ctx: &mut Self::Context) -> Self::Result {
+        drop(batch.queued);
         if self.leases.get(&batch.partition) != Some(&batch.lease) {
             return Err(StaleLease);
         }
         self.panics.maybe_panic(A::NAME);
+        let _span = tracing::info_span!(parent: &batch.span, "aggregate", aggregate = A::NAME, changes = batch.changes.len()).entered();
         for (offset, change) in &batch.changes {
             let applied = self.state.apply(batch.partition, *offset, change);
             self.updated_since_flush += applied.keys_updated as usize;
@@ -216,6 +245,13 @@ impl<A: SinkTable> Handler<ApplyChanges> for AggregatorActor<A> {
             }
         }
         self.state.observe(batch.partition, batch.last_offset);
+        if let Some(committed) = batch.newest_committed_ms {
+            telemetry::applied(A::SOURCE, committed);
+        }
+        if self.batches_since_flush.len() < traces::MAX_LINKS {
+            self.batches_since_flush
+                .extend(traces::link_to(&batch.span));
+        }
         if self.updated_since_flush >= self.flush.max_rows {
             self.flush(ctx);
         }
@@ -265,7 +301,14 @@ impl<A: SinkTable> Handler<Release> for AggregatorActor<A> {
         } else {
             self.state.dirty_rows()
         });
-        let write = self.write(rows.clone());
+        let span = tracing::info_span!(
+            "flush",
+            aggregate = A::NAME,
+            rows = rows.len(),
+            partition,
+            lost
+        );
+        let write = self.write(rows.clone(), span);
         AtomicResponse::new(Box::pin(write.into_actor(self).map(
             move |result, act, _| {
                 let next = match result {

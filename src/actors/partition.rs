@@ -12,6 +12,7 @@ use crate::restart::ActorKind;
 use crate::sink::{DeadLetter, DeadLetters};
 use crate::source::RecordBatch;
 use crate::telemetry;
+use crate::telemetry::{Mailbox, Queued};
 
 /// Records handed on and not yet applied (or dropped), process-wide; the
 /// source pauses its partitions above a bound.
@@ -49,6 +50,7 @@ pub struct PartitionActor {
     table: Table,
     partition: i32,
     aggregator: Route<ApplyChanges>,
+    aggregator_mailbox: Mailbox,
     /// None until the aggregator has loaded the partition (and again in a
     /// restarted incarnation, until the partition is rewound): batches are
     /// dropped meanwhile, to be fetched again from the commit.
@@ -62,7 +64,7 @@ impl PartitionActor {
     pub fn new(
         table: Table,
         partition: i32,
-        aggregator: Route<ApplyChanges>,
+        (aggregator, aggregator_mailbox): (Route<ApplyChanges>, Mailbox),
         dead_letters: DeadLetters,
         faults: &FaultConfig,
         failure: Failure,
@@ -71,6 +73,7 @@ impl PartitionActor {
             table,
             partition,
             aggregator,
+            aggregator_mailbox,
             lease: None,
             dead_letters,
             failure,
@@ -91,10 +94,16 @@ impl Actor for PartitionActor {
     }
 }
 
-/// A batch of records, with the permit that counts it as in flight.
+/// A batch of records, with the permit that counts it as in flight and the
+/// span of its trace.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Decode(pub RecordBatch, pub Permit);
+pub struct Decode {
+    pub batch: RecordBatch,
+    pub permit: Permit,
+    pub queued: Queued,
+    pub span: tracing::Span,
+}
 
 /// Start feeding the aggregator under this lease.
 #[derive(Message)]
@@ -109,35 +118,64 @@ pub struct Drain;
 impl Handler<Decode> for PartitionActor {
     type Result = ();
 
-    fn handle(&mut self, Decode(batch, permit): Decode, ctx: &mut Self::Context) {
+    fn handle(&mut self, decode: Decode, ctx: &mut Self::Context) {
+        let Decode {
+            batch,
+            permit,
+            queued,
+            span,
+        } = decode;
+        drop(queued);
         self.panics.maybe_panic("a partition actor");
         let Some(lease) = self.lease else {
             return;
         };
+        let decoding = tracing::info_span!(parent: &span, "decode", table = %self.table, dead_letters = tracing::field::Empty).entered();
         let mut changes = Vec::with_capacity(batch.records.len());
         let mut letters = Vec::new();
+        let mut by_op = OpCounts::default();
+        let mut newest_committed_ms = None;
         let last_offset = batch.records.last().map_or(-1, |r| r.offset);
         for record in &batch.records {
-            match cdc::decode(self.table, record.value.as_deref()) {
-                Ok(Decoded::Change(change)) => changes.push((record.offset, change)),
-                Ok(Decoded::Tombstone) => {}
-                Ok(Decoded::Truncate) => telemetry::truncate(self.table),
-                Err(e) => letters.push(DeadLetter {
-                    reason: e.kind.as_str(),
-                    error: e.to_string(),
-                    topic: batch.topic.clone(),
-                    partition: batch.partition,
-                    offset: record.offset,
-                    key: record.key.clone(),
-                    value: record.value.clone(),
-                }),
+            let event = match cdc::decode_event(self.table, record.value.as_deref()) {
+                Ok(event) => event,
+                Err(e) => {
+                    letters.push(DeadLetter {
+                        reason: e.kind.as_str(),
+                        error: e.to_string(),
+                        topic: batch.topic.clone(),
+                        partition: batch.partition,
+                        offset: record.offset,
+                        key: record.key.clone(),
+                        value: record.value.clone(),
+                    });
+                    continue;
+                }
+            };
+            newest_committed_ms = newest_committed_ms.max(event.committed_at_ms);
+            match event.decoded {
+                Decoded::Change(change) => {
+                    by_op.add(change.op().label());
+                    changes.push((record.offset, change));
+                }
+                Decoded::Tombstone => {}
+                Decoded::Truncate => {
+                    by_op.add("truncate");
+                    telemetry::truncate(self.table);
+                }
             }
         }
+        telemetry::events(self.table, &by_op.0);
+        decoding.record("dead_letters", letters.len());
+        drop(decoding);
         let message = ApplyChanges {
             partition: self.partition,
             lease,
             last_offset,
             changes,
+            newest_committed_ms,
+            queued: self.aggregator_mailbox.enqueued(),
+            span,
         };
         let aggregator = (self.aggregator)();
         let dead_letters = self.dead_letters.clone();
@@ -174,6 +212,23 @@ impl Handler<Decode> for PartitionActor {
                 act.failure.fail(ctx, reason);
             }
         }));
+    }
+}
+
+/// Events of one batch by op label, counted without a map.
+struct OpCounts([(&'static str, u64); 5]);
+
+impl Default for OpCounts {
+    fn default() -> Self {
+        OpCounts(["insert", "update", "delete", "snapshot", "truncate"].map(|op| (op, 0)))
+    }
+}
+
+impl OpCounts {
+    fn add(&mut self, op: &'static str) {
+        if let Some(slot) = self.0.iter_mut().find(|(o, _)| *o == op) {
+            slot.1 += 1;
+        }
     }
 }
 

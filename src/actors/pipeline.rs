@@ -17,12 +17,13 @@ use crate::config::{Config, FaultConfig, SupervisionConfig};
 use crate::restart::ActorKind;
 use crate::sink::{ClickHouseSink, DeadLetters, SinkTable};
 use crate::source::{CommitRequest, Downstream, RecordBatch, Rewind};
-use crate::telemetry;
+use crate::telemetry::{self, metrics, traces};
 
 /// The mailboxes of one table's aggregator, whichever incarnation runs.
 #[derive(Clone)]
 struct AggregatorHandle {
     apply: Route<ApplyChanges>,
+    mailbox: telemetry::Mailbox,
     acquire: Route<Acquire>,
     release: Route<Release>,
 }
@@ -30,6 +31,8 @@ struct AggregatorHandle {
 /// The running actors, as the Kafka source sees them.
 pub struct Pipeline {
     topic_prefix: String,
+    /// The consumer group, for the batch spans.
+    group: String,
     aggregators: HashMap<Table, AggregatorHandle>,
     /// The partition actors, by (topic, partition). Written by the rebalance
     /// hooks and read by the poll loop.
@@ -81,6 +84,7 @@ impl Pipeline {
         ]);
         Pipeline {
             topic_prefix: config.kafka.topic_prefix.clone(),
+            group: config.kafka.group_id.clone(),
             aggregators,
             partitions: DashMap::new(),
             decoders: Arbiter::new().handle(),
@@ -182,6 +186,7 @@ impl Starter<'_> {
         );
         AggregatorHandle {
             apply: aggregator.route(),
+            mailbox: aggregator.mailbox().clone(),
             acquire: aggregator.route(),
             release: aggregator.route(),
         }
@@ -196,7 +201,7 @@ impl Downstream for Pipeline {
         };
         let lease = self.acquire(table, aggregator, partition)?;
         let (route, dead_letters, faults) = (
-            aggregator.apply.clone(),
+            (aggregator.apply.clone(), aggregator.mailbox.clone()),
             self.dead_letters.clone(),
             self.faults.clone(),
         );
@@ -288,8 +293,13 @@ impl Downstream for Pipeline {
         };
         // A restarting partition actor: its restart rewinds the partition.
         if let Some(addr) = actor.addr() {
-            let permit = self.inflight.permit(batch.records.len());
-            addr.do_send(Decode(batch, permit));
+            metrics::record_batch(batch.records.len());
+            addr.do_send(Decode {
+                permit: self.inflight.permit(batch.records.len()),
+                queued: actor.mailbox().enqueued(),
+                span: traces::batch_span(&batch, &self.group),
+                batch,
+            });
         }
         Ok(())
     }

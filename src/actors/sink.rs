@@ -9,12 +9,16 @@ use crate::aggregate::StoredRow;
 use crate::config::FaultConfig;
 use crate::restart::ActorKind;
 use crate::sink::{ClickHouseSink, SinkError, SinkTable};
-use crate::telemetry;
+use crate::telemetry::{self, Queued};
+use tracing::Instrument;
 
 /// Rows of one aggregate to insert; answered once they are stored, or with
 /// an error that retrying cannot fix.
 pub struct Write<A: SinkTable> {
     pub rows: Arc<Vec<StoredRow<A::Key, A::Value>>>,
+    pub queued: Queued,
+    /// The flush this write is for.
+    pub span: tracing::Span,
 }
 
 impl<A: SinkTable> Message for Write<A> {
@@ -54,8 +58,20 @@ impl<A: SinkTable> Actor for SinkActor<A> {
 impl<A: SinkTable> Handler<Write<A>> for SinkActor<A> {
     type Result = ResponseFuture<Result<(), SinkError>>;
 
-    fn handle(&mut self, Write { rows }: Write<A>, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, write: Write<A>, _: &mut Self::Context) -> Self::Result {
+        let Write { rows, queued, span } = write;
+        drop(queued);
         self.panics.maybe_panic(A::NAME);
+        let insert = tracing::info_span!(
+            parent: &span,
+            "insert",
+            otel.kind = "client",
+            db.system.name = "clickhouse",
+            db.operation.name = "INSERT",
+            db.collection.name = A::NAME,
+            rows = rows.len(),
+            attempts = tracing::field::Empty,
+        );
         let sink = self.sink.clone();
         let faults = self.faults.clone();
         let mut rng = fastrand::Rng::new();
@@ -72,8 +88,10 @@ impl<A: SinkTable> Handler<Write<A>> for SinkActor<A> {
                 } else {
                     sink.write::<A>(&rows).await
                 };
+                telemetry::sink_failing(A::NAME, result.is_err());
                 match result {
                     Ok(()) => {
+                        tracing::Span::current().record("attempts", attempt);
                         if attempt > 1 {
                             tracing::info!(
                                 aggregate = A::NAME,
@@ -96,6 +114,6 @@ impl<A: SinkTable> Handler<Write<A>> for SinkActor<A> {
                     }
                 }
             }
-        })
+        }.instrument(insert))
     }
 }

@@ -42,6 +42,9 @@ impl<A: Actor> Clone for Supervised<A> {
 struct Slot<A: Actor> {
     addr: RwLock<Option<Addr<A>>>,
     stop_requested: AtomicBool,
+    name: String,
+    /// Messages sent and not yet taken, across incarnations.
+    mailbox: telemetry::Mailbox,
 }
 
 impl<A: Actor> Slot<A> {
@@ -82,11 +85,18 @@ impl<A: Actor> Supervised<A> {
         Arc::new(move || this.addr().map(Addr::recipient))
     }
 
+    /// The gauge of its waiting messages: a message sent to it carries a
+    /// `mailbox().enqueued()` guard, dropped when handled.
+    pub fn mailbox(&self) -> &telemetry::Mailbox {
+        &self.shared.mailbox
+    }
+
     /// Ends the actor on purpose: it is not restarted. It stops once the
     /// messages already in its mailbox are handled.
     pub fn stop(&self) {
         self.shared.stop_requested.store(true, Ordering::SeqCst);
         self.shared.clear();
+        telemetry::Mailbox::forget(&self.shared.name);
     }
 }
 
@@ -147,6 +157,8 @@ impl Supervision {
         let shared = Arc::new(Slot {
             addr: RwLock::new(Some(Addr::new(tx))),
             stop_requested: AtomicBool::new(false),
+            mailbox: telemetry::Mailbox::named(&name),
+            name: name.clone(),
         });
         let slot = shared.clone();
         let escalations = self.escalations.clone();

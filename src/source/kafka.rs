@@ -24,6 +24,7 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 use crate::telemetry;
+use crate::telemetry::traces::TraceHeaders;
 
 /// One Kafka record, copied out of the consumer's buffers.
 #[derive(Debug, Clone)]
@@ -31,6 +32,8 @@ pub struct Record {
     pub offset: i64,
     pub key: Option<Bytes>,
     pub value: Option<Bytes>,
+    /// The W3C trace context the producer attached, if any.
+    pub trace: Option<TraceHeaders>,
 }
 
 /// Consecutive records of one partition.
@@ -84,7 +87,22 @@ pub struct SourceContext {
     generation: AtomicU64,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    /// librdkafka's statistics (every STATISTICS_INTERVAL): the lag of each
+    /// assigned partition behind its high watermark, from the committed offset.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut lag = Vec::new();
+        for (topic, t) in statistics.topics {
+            for (partition, p) in t.partitions {
+                // -1: not assigned here, or not known yet; partition -1 is librdkafka's own.
+                if partition >= 0 && p.consumer_lag >= 0 {
+                    lag.push((topic.clone(), partition, p.consumer_lag));
+                }
+            }
+        }
+        telemetry::consumer_lag(lag);
+    }
+}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -202,6 +220,8 @@ struct LoopState {
 /// How long a poll gathers records before handing them on.
 const LINGER: Duration = Duration::from_millis(20);
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+/// How often librdkafka reports its statistics (consumer lag).
+const STATISTICS_INTERVAL: Duration = Duration::from_secs(2);
 /// How long an assignment waits to learn the committed offsets (for the log).
 const COMMITTED_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -232,6 +252,13 @@ impl KafkaSource {
             )
             // Some brokers hold a fetch for the whole wait even when data is ready.
             .set("fetch.wait.max.ms", "50")
+            // The subscription is a pattern: topics Debezium creates after
+            // start-up are picked up within seconds, not librdkafka's 5 minutes.
+            .set("topic.metadata.refresh.interval.ms", "5000")
+            .set(
+                "statistics.interval.ms",
+                STATISTICS_INTERVAL.as_millis().to_string(),
+            )
             .create_with_context(context)
             .context("creating the Kafka consumer (setting ETL_KAFKA_BROKERS)")?;
         // Every table topic of the prefix, not just the captured four: a table
@@ -327,6 +354,7 @@ impl KafkaSource {
                 offset: message.offset(),
                 key: message.key().map(Bytes::copy_from_slice),
                 value: message.payload().map(Bytes::copy_from_slice),
+                trace: message.headers().and_then(TraceHeaders::from_kafka),
             };
             total += 1;
             let partition = message.partition();

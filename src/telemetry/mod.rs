@@ -1,10 +1,18 @@
-//! Process-wide counters of what the pipeline skipped or could not read.
+//! What the processor tells about itself: counters, gauges and health here;
+//! their export in `metrics` (Prometheus, through OpenTelemetry), the HTTP
+//! endpoints in `http`, batch traces in `traces`.
 //!
-//! Plain atomics in concurrent maps; `log_summary` writes them out at
-//! shutdown.
+//! The counts are plain atomics in concurrent maps, bumped once per batch or
+//! per problem, never per event. `log_summary` writes them out at shutdown;
+//! the metrics exporter reads them at each scrape.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::LazyLock;
+pub mod http;
+pub mod metrics;
+pub mod traces;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 
@@ -37,6 +45,22 @@ pub struct Counters {
     pub insert_retries: DashMap<&'static str, AtomicU64>,
     /// Times the consumer paused its partitions for backpressure.
     pub pauses: AtomicU64,
+    /// Events decoded, by (table, op label: insert, update, delete,
+    /// snapshot, truncate).
+    pub events: DashMap<(Table, &'static str), AtomicU64>,
+    /// Per table, the commit time (ms since the epoch, UTC) of the newest
+    /// event applied to an aggregate.
+    pub newest_applied_ms: DashMap<Table, AtomicI64>,
+    /// Messages waiting in each supervised actor's mailbox, by actor name.
+    pub mailboxes: DashMap<String, Arc<AtomicI64>>,
+    /// (topic, partition, messages) as of the consumer's last statistics.
+    pub consumer_lag: Mutex<Vec<(String, i32, i64)>>,
+    /// Aggregates whose last insert failed (ClickHouse down or refusing).
+    pub failing_sinks: DashMap<&'static str, ()>,
+    /// Set once the consumer is subscribed and the actors run.
+    pub started: AtomicBool,
+    /// Set when a shutdown begins.
+    pub stopping: AtomicBool,
 }
 
 pub fn counters() -> &'static Counters {
@@ -126,6 +150,126 @@ pub fn paused() {
     counters().pauses.fetch_add(1, Ordering::Relaxed);
 }
 
+/// The events of one batch of `table`, as (op label, count).
+pub fn events(table: Table, by_op: &[(&'static str, u64)]) {
+    for &(op, n) in by_op {
+        if n > 0 {
+            bump(&counters().events, (table, op), n);
+        }
+    }
+}
+
+/// An aggregate applied events of `table` committed up to `committed_at_ms`.
+pub fn applied(table: Table, committed_at_ms: i64) {
+    let newest = &counters().newest_applied_ms;
+    match newest.get(&table) {
+        Some(t) => {
+            t.fetch_max(committed_at_ms, Ordering::Relaxed);
+        }
+        None => {
+            newest
+                .entry(table)
+                .or_insert_with(|| AtomicI64::new(0))
+                .fetch_max(committed_at_ms, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Per table, how old the newest applied event is (now - its commit time).
+pub fn freshness() -> Vec<(Table, Duration)> {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    counters()
+        .newest_applied_ms
+        .iter()
+        .map(|e| {
+            let age = now_ms.saturating_sub(e.value().load(Ordering::Relaxed));
+            (*e.key(), Duration::from_millis(age.max(0) as u64))
+        })
+        .collect()
+}
+
+pub fn consumer_lag(partitions: Vec<(String, i32, i64)>) {
+    *counters()
+        .consumer_lag
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = partitions;
+}
+
+/// An insert of `aggregate` failed (true) or succeeded (false).
+pub fn sink_failing(aggregate: &'static str, failing: bool) {
+    let failing_sinks = &counters().failing_sinks;
+    if failing {
+        failing_sinks.insert(aggregate, ());
+    } else if failing_sinks.contains_key(aggregate) {
+        failing_sinks.remove(aggregate);
+    }
+}
+
+pub fn started() {
+    counters().started.store(true, Ordering::Relaxed);
+}
+
+pub fn stopping() {
+    counters().stopping.store(true, Ordering::Relaxed);
+}
+
+/// Why the processor is not ready to do its work; empty when it is.
+pub fn not_ready() -> Vec<String> {
+    let c = counters();
+    let mut why = Vec::new();
+    if !c.started.load(Ordering::Relaxed) {
+        why.push("starting".to_owned());
+    }
+    if c.stopping.load(Ordering::Relaxed) {
+        why.push("shutting down".to_owned());
+    }
+    let mut failing: Vec<_> = c.failing_sinks.iter().map(|e| *e.key()).collect();
+    failing.sort();
+    for aggregate in failing {
+        why.push(format!("ClickHouse inserts of {aggregate} are failing"));
+    }
+    why
+}
+
+/// The count of messages waiting in one actor's mailbox.
+#[derive(Clone)]
+pub struct Mailbox(Arc<AtomicI64>);
+
+impl Mailbox {
+    /// The mailbox gauge of actor `name`, shared by its incarnations.
+    pub fn named(name: &str) -> Mailbox {
+        let depth = counters()
+            .mailboxes
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        Mailbox(depth)
+    }
+
+    /// Stops reporting the actor (it ended for good).
+    pub fn forget(name: &str) {
+        counters().mailboxes.remove(name);
+    }
+
+    /// Counts one message as waiting until the guard is dropped: by the
+    /// handler when it takes the message, or with the message if the actor
+    /// died first.
+    pub fn enqueued(&self) -> Queued {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Queued(self.0.clone())
+    }
+}
+
+pub struct Queued(Arc<AtomicI64>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One log line with every non-zero counter.
 pub fn log_summary() {
     fn render<K: std::fmt::Debug + std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>) -> String {
@@ -150,6 +294,7 @@ pub fn log_summary() {
         rows_flushed = %render(&c.rows_flushed),
         insert_retries = %render(&c.insert_retries),
         pauses = c.pauses.load(Ordering::Relaxed),
+        events = %render(&c.events),
         "counters"
     );
 }
