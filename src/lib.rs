@@ -9,6 +9,7 @@ pub mod actors;
 pub mod aggregate;
 pub mod cdc;
 pub mod config;
+pub mod loadgen;
 pub mod reconcile;
 pub mod replay;
 pub mod restart;

@@ -33,6 +33,10 @@ enum Command {
     /// Compare every aggregate in ClickHouse with a GROUP BY over Postgres;
     /// print each difference; exit 0 only when there is none.
     Reconcile,
+    /// Write a realistic, seeded store workload into Postgres
+    /// (ETL_POSTGRES_URL) at a target rate of new orders, until SIGTERM/SIGINT
+    /// or --duration; prints progress and a summary to stderr.
+    Loadgen(etl::loadgen::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,24 +58,31 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let traces = match etl::telemetry::traces::init(filter, &config.telemetry) {
+        Ok(traces) => traces,
+        Err(e) => {
+            eprintln!("etl-processor: setting ETL_OTEL_ENDPOINT: cannot export traces: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(config),
         Command::Replay { file } => replay(&file, &config.kafka.topic_prefix),
         Command::Reconcile => reconcile(config),
+        Command::Loadgen(args) => {
+            etl::loadgen::command(args, config.require_postgres(), tokio_runtime)
+        }
     };
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("etl-processor: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    traces.shutdown();
+    code
 }
 
 fn replay(file: &std::path::Path, topic_prefix: &str) -> anyhow::Result<ExitCode> {
@@ -125,6 +136,13 @@ fn run(config: Config) -> anyhow::Result<ExitCode> {
     }
     let system = actix::System::with_tokio_rt(|| tokio_runtime().expect("tokio runtime"));
     system.block_on(async move {
+        if let Some(addr) = config.telemetry.metrics_addr {
+            let metrics = etl::telemetry::metrics::install()?;
+            let bound = etl::telemetry::http::serve(addr, metrics)
+                .await
+                .with_context(|| format!("setting ETL_METRICS_ADDR: cannot listen on {addr}"))?;
+            tracing::info!(%bound, "serving /metrics, /health/live and /health/ready");
+        }
         let sink = ClickHouseSink::connect(&config.clickhouse)
             .await
             .context("connecting to ClickHouse (setting ETL_CLICKHOUSE_URL)")?;
@@ -143,6 +161,7 @@ fn run(config: Config) -> anyhow::Result<ExitCode> {
         let pipeline = Arc::new(Pipeline::start(&config, wiring));
         let source = KafkaSource::new(&config.kafka, pipeline, commits_rx, rewinds_rx)?;
 
+        etl::telemetry::started();
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let source_stop = stop.clone();
@@ -158,6 +177,7 @@ fn run(config: Config) -> anyhow::Result<ExitCode> {
         let result = tokio::select! {
             signal = shutdown_signal() => {
                 tracing::info!(%signal, bound = ?config.shutdown_timeout, "shutting down: flushing and committing");
+                etl::telemetry::stopping();
                 stop.store(true, Ordering::Relaxed);
                 match tokio::time::timeout(config.shutdown_timeout, &mut done_rx).await {
                     Ok(done) => done.unwrap_or_else(|_| source_died()),
