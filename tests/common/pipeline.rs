@@ -144,7 +144,9 @@ impl Run {
             .env(
                 "ETL_KAFKA_SESSION_TIMEOUT_MS",
                 SESSION_TIMEOUT.as_millis().to_string(),
-            );
+            )
+            // Several processors may run at once: each picks a free port.
+            .env("ETL_METRICS_ADDR", "127.0.0.1:0");
         cmd.envs(&self.settings);
         cmd
     }
@@ -155,6 +157,21 @@ impl Run {
 
     pub fn log(&self, n: u32) -> String {
         std::fs::read_to_string(self.log_path(n)).unwrap_or_default()
+    }
+
+    /// Where processor `n` serves /metrics and /health (from its log).
+    pub async fn metrics_base_url(&self, n: u32) -> String {
+        eventually(
+            "the processor to log its metrics address",
+            Duration::from_secs(60),
+            || async move {
+                let log = self.log(n);
+                let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+                let addr = line.split("bound=").nth(1)?.split_whitespace().next()?;
+                Some(format!("http://{addr}"))
+            },
+        )
+        .await
     }
 
     /// Every processor log of this run, concatenated.
@@ -320,6 +337,10 @@ impl Run {
                     continue;
                 };
                 let m = message.unwrap();
+                // A record fetched for the previous assignment can still come out.
+                if m.partition() != partition || m.topic() != topic {
+                    continue;
+                }
                 next = m.offset() + 1;
                 let headers = m
                     .headers()
