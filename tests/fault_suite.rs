@@ -225,7 +225,12 @@ async fn clickhouse_down_for_30s_pauses_the_consumer_and_catches_up() {
     run.set("ETL_MAX_INFLIGHT_RECORDS", 2000)
         .set("ETL_FLUSH_INTERVAL_MS", 500);
     let mut processor = run.start_processor();
+    let health = format!("{}/health/ready", run.metrics_base_url(1).await);
     run.caught_up("before the outage").await;
+    assert_eq!(
+        ready(&health).await,
+        (200, r#"{"status":"ready"}"#.to_owned())
+    );
     let seed = seed(2);
     let mut workload = run.start_workload(seed, "--orders 1500");
     run.workload_reaches(seed, 100).await;
@@ -237,6 +242,10 @@ async fn clickhouse_down_for_30s_pauses_the_consumer_and_catches_up() {
         run.log(1).contains("partitions paused").then_some(())
     })
     .await;
+    // Not ready while inserts fail, with the reason.
+    let (status, body) = ready(&health).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("ClickHouse inserts of"), "{body}");
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed())).await;
     let rss_late = processor.rss_kib();
     run.stack_command(&["start", "clickhouse"]);
@@ -256,6 +265,11 @@ async fn clickhouse_down_for_30s_pauses_the_consumer_and_catches_up() {
         "inserts were retried"
     );
     assert!(log.contains("partitions resumed"));
+    assert_eq!(
+        ready(&health).await.0,
+        200,
+        "ready again once inserts succeed"
+    );
     processor.terminate();
 
     // SIGTERM while ClickHouse is down: the last flush cannot finish, so the
@@ -494,4 +508,13 @@ async fn poison_events_go_to_the_dead_letter_topic_and_the_rest_is_counted() {
     processor.terminate();
     let letters = check_dead_letters(&run, false);
     assert!(letters >= 2 * POISON_EVENTS.len());
+}
+
+/// GET the readiness endpoint: (status, body).
+async fn ready(url: &str) -> (u16, String) {
+    let response = reqwest::get(url)
+        .await
+        .expect("the health endpoint answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
 }
