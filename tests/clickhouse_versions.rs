@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::str::FromStr;
 
 use etl::reconcile::{
@@ -87,39 +85,19 @@ fn a_current_server_answers_the_same() {
     let mut statements = common::analytics_ddl("analytics");
     statements.push("USE analytics".into());
     statements.extend(ROWS.iter().map(|s| s.to_string()));
-    let request = serde_json::json!({ "statements": statements, "queries": QUERIES });
-    let mut child = Command::new(stack.get("STACK_PYTHON"))
-        .arg(common::repo_root().join("tests/chdb_runner.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let queries: Vec<String> = QUERIES.iter().map(|q| q.to_string()).collect();
+    let answer = common::chdb(
+        std::path::Path::new(stack.get("STACK_PYTHON")),
+        &statements,
+        &queries,
     );
-    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let version = answer["version"].as_str().unwrap();
+    let version = &answer.version;
     let major: u32 = version.split('.').next().unwrap().parse().unwrap();
     assert!(major >= 24, "not a current ClickHouse: {version}");
-    for ((query, expected), tsv) in QUERIES
-        .iter()
-        .zip(EXPECTED)
-        .zip(answer["results"].as_array().unwrap())
-    {
-        assert_eq!(
-            normalise(tsv.as_str().unwrap()),
-            expected,
-            "{query} on {version}"
-        );
+    for ((query, expected), result) in QUERIES.iter().zip(EXPECTED).zip(&answer.results) {
+        let tsv = result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{query} on {version}: {e}"));
+        assert_eq!(normalise(tsv), expected, "{query} on {version}");
     }
 }

@@ -9,9 +9,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -602,23 +601,6 @@ fn normalise_numbers(tsv: &str) -> String {
 
 /// Runs `statements`, then each query, on chdb (a current ClickHouse in
 /// process); Ok(TSV) or Err(message) per query, and the server version.
-const CHDB_SCRIPT: &str = r#"
-import json, sys
-from chdb import session
-request = json.load(sys.stdin)
-s = session.Session()
-for statement in request["statements"]:
-    s.query(statement)
-results = []
-for q in request["queries"]:
-    try:
-        results.append({"ok": str(s.query(q, "TSV"))})
-    except Exception as e:
-        results.append({"error": str(e)})
-version = str(s.query("SELECT version()", "TSV")).strip()
-json.dump({"version": version, "results": results}, sys.stdout)
-"#;
-
 /// The project venv's python (scripts/install makes it, with chdb).
 fn venv_python() -> Option<PathBuf> {
     let mut candidates = Vec::new();
@@ -655,41 +637,15 @@ fn store_live_queries_run_on_a_current_clickhouse() {
         .collect();
     let mut statements = common::analytics_ddl("analytics");
     statements.extend(FIXTURE_ROWS.iter().map(|s| s.to_string()));
-    let request = serde_json::json!({ "statements": statements, "queries": queries });
-    let mut child = Command::new(&python)
-        .args(["-c", CHDB_SCRIPT])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "chdb ({}) failed: {}",
-        python.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let version = answer["version"].as_str().unwrap();
+    let answer = common::chdb(&python, &statements, &queries);
+    let version = &answer.version;
     let major: u32 = version.split('.').next().unwrap().parse().unwrap();
     assert!(major >= 24, "not a current ClickHouse: {version}");
-    let results = answer["results"].as_array().unwrap();
     let mut failures = Vec::new();
-    for ((target, sql), result) in targets.iter().zip(&queries).zip(results) {
-        match result["ok"].as_str() {
-            None => failures.push(format!(
-                "{}: {}\n{sql}",
-                target.panel,
-                result["error"].as_str().unwrap_or("?")
-            )),
-            Some(tsv) => {
+    for ((target, sql), result) in targets.iter().zip(&queries).zip(&answer.results) {
+        match result {
+            Err(e) => failures.push(format!("{}: {e}\n{sql}", target.panel)),
+            Ok(tsv) => {
                 let got = normalise_numbers(tsv.trim_end());
                 let want = normalise_numbers(fixture_expected(&target.panel));
                 if got != want {
@@ -981,8 +937,10 @@ async fn store_live_panels_equal_postgres_on_the_real_pipeline() {
         .iter()
         .map(|r| r.get(0))
         .collect();
+    // A small workload leaves 15-40 such orders (seeds differ); a handful is
+    // enough to place the range.
     assert!(
-        created.len() >= 20,
+        created.len() >= 5,
         "the workload made {} orders",
         created.len()
     );

@@ -140,3 +140,52 @@ where
 pub fn fixture(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(name)
 }
+
+/// What a current ClickHouse (chdb, embedded) answered: its version and, per
+/// query, the TSV text or the error.
+pub struct ChdbAnswer {
+    pub version: String,
+    pub results: Vec<Result<String, String>>,
+}
+
+/// Runs `statements`, then `queries`, in one chdb session, with `python`
+/// (the project venv's, which has chdb).
+pub fn chdb(python: &std::path::Path, statements: &[String], queries: &[String]) -> ChdbAnswer {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let request = serde_json::json!({ "statements": statements, "queries": queries });
+    let mut child = Command::new(python)
+        .arg(repo_root().join("tests/chdb_runner.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "chdb ({}) failed: {}",
+        python.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let results = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| match r["ok"].as_str() {
+            Some(tsv) => Ok(tsv.to_owned()),
+            None => Err(r["error"].as_str().unwrap_or("?").to_owned()),
+        })
+        .collect();
+    ChdbAnswer {
+        version: answer["version"].as_str().unwrap().to_owned(),
+        results,
+    }
+}
