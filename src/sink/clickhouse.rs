@@ -59,6 +59,30 @@ pub trait SinkTable: Aggregate {
     fn from_row(row: Self::Row) -> Result<StoredRow<Self::Key, Self::Value>, SinkError>;
 }
 
+/// The analytics schema (init/clickhouse), the one the compose stack and the
+/// native stack apply at start-up.
+const ANALYTICS_SQL: &str = include_str!("../../init/clickhouse/01-analytics.sql");
+
+/// The analytics schema's statements, for a database named `db`: a database
+/// of its own per test or benchmark run.
+pub fn analytics_ddl(db: &str) -> Vec<String> {
+    let code: String = ANALYTICS_SQL
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    code.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.replace("analytics.", &format!("{db}.")).replace(
+                "DATABASE IF NOT EXISTS analytics",
+                &format!("DATABASE IF NOT EXISTS {db}"),
+            )
+        })
+        .collect()
+}
+
 #[derive(Clone)]
 pub struct ClickHouseSink {
     client: Client,
@@ -95,6 +119,18 @@ impl ClickHouseSink {
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Creates database `db` with the analytics schema, dropping an older one.
+    pub async fn create_analytics_db(&self, db: &str) -> Result<(), SinkError> {
+        self.client
+            .query(&format!("DROP DATABASE IF EXISTS {db}"))
+            .execute()
+            .await?;
+        for statement in analytics_ddl(db) {
+            self.client.query(&statement).execute().await?;
+        }
+        Ok(())
     }
 
     /// Inserts `rows` in one INSERT.

@@ -68,31 +68,8 @@ impl Stack {
     }
 }
 
-/// The DDL of init/clickhouse, one statement at a time, for database `db`.
-pub fn analytics_ddl(db: &str) -> Vec<String> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join("init/clickhouse"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
-        .collect();
-    files.sort();
-    let mut statements = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
-        let code: String = text
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("--"))
-            .collect::<Vec<_>>()
-            .join("\n");
-        for statement in code.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            statements.push(statement.replace("analytics.", &format!("{db}.")).replace(
-                "DATABASE IF NOT EXISTS analytics",
-                &format!("DATABASE IF NOT EXISTS {db}"),
-            ));
-        }
-    }
-    statements
-}
+#[allow(unused_imports)] // used by some test crates only
+pub use etl::sink::clickhouse::analytics_ddl;
 
 /// A new, empty analytics database named `db` (dropped first if it exists).
 pub async fn fresh_analytics_db(stack: &Stack, db: &str) -> ClickHouseSink {
@@ -100,19 +77,9 @@ pub async fn fresh_analytics_db(stack: &Stack, db: &str) -> ClickHouseSink {
         .await
         .unwrap();
     admin
-        .client()
-        .query(&format!("DROP DATABASE IF EXISTS {db}"))
-        .execute()
+        .create_analytics_db(db)
         .await
-        .unwrap();
-    for statement in analytics_ddl(db) {
-        admin
-            .client()
-            .query(&statement)
-            .execute()
-            .await
-            .unwrap_or_else(|e| panic!("{statement}: {e}"));
-    }
+        .unwrap_or_else(|e| panic!("creating {db}: {e}"));
     ClickHouseSink::connect(&stack.clickhouse_config(db))
         .await
         .unwrap()
