@@ -975,6 +975,9 @@ enum Failure {
     /// The row was not as the model expected (changed or deleted by someone
     /// else); nothing was written.
     Stale,
+    /// The customer, product or order it concerns was never created (that
+    /// earlier operation failed, e.g. in the same step); not attempted.
+    Orphan,
 }
 
 impl From<tokio_postgres::Error> for Failure {
@@ -1134,8 +1137,9 @@ async fn load_catalog(
 }
 
 async fn apply(db: &mut Db, ids: &mut Ids, op: &Op) -> Result<(), Failure> {
-    let order_id = |ids: &Ids, o: &OrderRef| ids.orders.get(o).copied().ok_or(Failure::Stale);
-    let product_id = |ids: &Ids, p: &ProductRef| ids.products.get(p).copied().ok_or(Failure::Stale);
+    let order_id = |ids: &Ids, o: &OrderRef| ids.orders.get(o).copied().ok_or(Failure::Orphan);
+    let product_id =
+        |ids: &Ids, p: &ProductRef| ids.products.get(p).copied().ok_or(Failure::Orphan);
     let one = |n: u64| if n == 1 { Ok(()) } else { Err(Failure::Stale) };
     match op {
         Op::NewCustomer {
@@ -1166,7 +1170,11 @@ async fn apply(db: &mut Db, ids: &mut Ids, op: &Op) -> Result<(), Failure> {
             lines,
             total,
         } => {
-            let customer = ids.customers.get(customer).copied().ok_or(Failure::Stale)?;
+            let customer = ids
+                .customers
+                .get(customer)
+                .copied()
+                .ok_or(Failure::Orphan)?;
             let products = lines
                 .iter()
                 .map(|l| product_id(ids, &l.product))
@@ -1266,6 +1274,11 @@ impl Executor<'_> {
                     Failure::Stale => (
                         format!("{what}/stale"),
                         "the row was not as expected (changed by someone else?); skipped".into(),
+                    ),
+                    Failure::Orphan => (
+                        format!("{what}/orphan"),
+                        "what it concerns was never created (an earlier operation failed); not attempted"
+                            .into(),
                     ),
                     Failure::Db(e) => {
                         let code = match e.code() {
