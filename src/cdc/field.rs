@@ -8,7 +8,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use base64::Engine as _;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -34,9 +34,9 @@ pub(crate) struct ColumnSchema<'a> {
 }
 
 /// One row image (`before` or `after`): its columns in message order, values
-/// still raw JSON, and the schema of its columns when the message had one.
+/// still raw JSON text, and the schema of its columns when the message had one.
 pub(crate) struct Row<'a> {
-    columns: Vec<(&'a str, &'a RawValue)>,
+    columns: Vec<(&'a str, &'a str)>,
     schema: Option<&'a [ColumnSchema<'a>]>,
 }
 
@@ -53,11 +53,19 @@ impl<'a> Row<'a> {
         Ok(Row { columns, schema })
     }
 
+    /// A row image already split into (column, raw JSON value) pairs.
+    pub fn from_columns(
+        columns: Vec<(&'a str, &'a str)>,
+        schema: Option<&'a [ColumnSchema<'a>]>,
+    ) -> Self {
+        Row { columns, schema }
+    }
+
     pub fn column_names(&self) -> impl Iterator<Item = &'a str> + '_ {
         self.columns.iter().map(|(name, _)| *name)
     }
 
-    fn raw(&self, column: &str) -> Result<&'a RawValue, DecodeError> {
+    fn raw(&self, column: &str) -> Result<&'a str, DecodeError> {
         self.columns
             .iter()
             .find(|(name, _)| *name == column)
@@ -71,23 +79,24 @@ impl<'a> Row<'a> {
 
     pub fn i64(&self, column: &str) -> Result<i64, DecodeError> {
         let raw = self.raw(column)?;
-        raw.get()
-            .parse::<i64>()
-            .map_err(|_| bad_field(column, format!("expected an integer, got {}", raw.get())))
+        raw.parse::<i64>()
+            .map_err(|_| bad_field(column, format!("expected an integer, got {raw}")))
     }
 
     pub fn string(&self, column: &str) -> Result<String, DecodeError> {
         let raw = self.raw(column)?;
-        serde_json::from_str::<String>(raw.get())
-            .map_err(|_| bad_field(column, format!("expected a string, got {}", raw.get())))
+        if let Some(plain) = plain_string(raw) {
+            return Ok(plain.to_owned());
+        }
+        serde_json::from_str::<String>(raw)
+            .map_err(|_| bad_field(column, format!("expected a string, got {raw}")))
     }
 
     /// A decimal in any of Debezium's `decimal.handling.mode`s: `string`
     /// ("37.49"), `double` (37.49) or `precise` (base64 unscaled integer whose
     /// scale is in the schema; readable only with schemas on).
     pub fn decimal(&self, column: &str) -> Result<Decimal, DecodeError> {
-        let raw = self.raw(column)?;
-        let text = raw.get();
+        let text = self.raw(column)?;
         let logical = self.schema_of(column).and_then(|c| c.logical.as_deref());
         match logical {
             Some(CONNECT_DECIMAL) => {
@@ -121,11 +130,16 @@ impl<'a> Row<'a> {
     /// an integer since the epoch, whose unit the schema names; without a
     /// schema the unit is inferred from the magnitude (see [`epoch_to_utc`]).
     pub fn timestamp(&self, column: &str) -> Result<DateTime<Utc>, DecodeError> {
-        let raw = self.raw(column)?;
-        let text = raw.get();
+        let text = self.raw(column)?;
         if text.starts_with('"') {
-            let iso: Cow<str> = serde_json::from_str(text)
-                .map_err(|_| bad_field(column, format!("expected a timestamp, got {text}")))?;
+            let iso: Cow<str> = match plain_string(text) {
+                Some(plain) => Cow::Borrowed(plain),
+                None => serde_json::from_str(text)
+                    .map_err(|_| bad_field(column, format!("expected a timestamp, got {text}")))?,
+            };
+            if let Some(t) = utc_timestamp(&iso) {
+                return Ok(t);
+            }
             return DateTime::parse_from_rfc3339(&iso)
                 .map(|t| t.with_timezone(&Utc))
                 .map_err(|e| bad_field(column, format!("{iso:?} is not ISO-8601: {e}")));
@@ -141,6 +155,49 @@ impl<'a> Row<'a> {
         };
         epoch_to_utc(n, unit).ok_or_else(|| bad_field(column, format!("{n} is out of range")))
     }
+}
+
+/// `2024-02-01T09:00:10.250000Z`, the way Debezium writes every timestamptz
+/// (a ZonedTimestamp in UTC): read directly, to the nanosecond. None for any
+/// other form (an offset, a leap second, a lower-case `t`...), which chrono's
+/// RFC 3339 parser then reads; for the forms read here both agree.
+fn utc_timestamp(iso: &str) -> Option<DateTime<Utc>> {
+    let b = iso.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    if b[16] != b':' || *b.last()? != b'Z' {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<u32> {
+        b[range].iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let nanos = match &b[19..b.len() - 1] {
+        [] => 0,
+        [b'.', digits @ ..] if (1..=9).contains(&digits.len()) => {
+            number(20..b.len() - 1)? * 10u32.pow(9 - digits.len() as u32)
+        }
+        _ => return None,
+    };
+    let second = number(17..19)?;
+    if second > 59 {
+        return None;
+    }
+    let date = NaiveDate::from_ymd_opt(number(0..4)? as i32, number(5..7)?, number(8..10)?)?;
+    let time = NaiveTime::from_hms_nano_opt(number(11..13)?, number(14..16)?, second, nanos)?;
+    Some(Utc.from_utc_datetime(&NaiveDateTime::new(date, time)))
+}
+
+/// The contents of a JSON string literal that has no escapes (and so needs
+/// no decoding); None for anything else.
+fn plain_string(raw: &str) -> Option<&str> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    inner
+        .bytes()
+        .all(|b| b != b'\\' && b != b'"' && b >= 0x20)
+        .then_some(inner)
 }
 
 fn bad_field(column: &str, why: impl fmt::Display) -> DecodeError {
@@ -236,7 +293,7 @@ impl fmt::Display for Minute {
 }
 
 /// A JSON object read as (column, raw value) pairs without copying.
-struct RawColumns<'a>(Vec<(&'a str, &'a RawValue)>);
+struct RawColumns<'a>(Vec<(&'a str, &'a str)>);
 
 impl<'de> Deserialize<'de> for RawColumns<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -249,7 +306,7 @@ impl<'de> Deserialize<'de> for RawColumns<'de> {
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let mut columns = Vec::with_capacity(map.size_hint().unwrap_or(8));
                 while let Some(name) = map.next_key::<&'de str>()? {
-                    columns.push((name, map.next_value::<&'de RawValue>()?));
+                    columns.push((name, map.next_value::<&'de RawValue>()?.get()));
                 }
                 Ok(RawColumns(columns))
             }
@@ -350,6 +407,63 @@ mod tests {
         ] {
             assert_eq!(EpochUnit::infer(n), unit);
             assert_eq!(epoch_to_utc(n, unit), Some(t));
+        }
+    }
+
+    #[test]
+    fn debezium_timestamps_read_directly_agree_with_chrono() {
+        let chrono = |s: &str| {
+            DateTime::parse_from_rfc3339(s)
+                .ok()
+                .map(|t| t.with_timezone(&Utc))
+        };
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut direct = 0;
+        for _ in 0..20_000 {
+            let mut s = format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                rng.u32(0..10_000),
+                rng.u32(0..14),
+                rng.u32(0..33),
+                rng.u32(0..26),
+                rng.u32(0..62),
+                rng.u32(0..62)
+            );
+            let digits = rng.usize(0..11);
+            if digits > 0 {
+                s.push('.');
+                for _ in 0..digits {
+                    s.push(char::from(b'0' + rng.u8(0..10)));
+                }
+            }
+            s.push(['Z', 'Z', 'Z', 'z', '+'][rng.usize(0..5)]);
+            if s.ends_with('+') {
+                s.push_str("01:00");
+            }
+            if let Some(t) = utc_timestamp(&s) {
+                assert_eq!(Some(t), chrono(&s), "{s}");
+                direct += 1;
+            }
+        }
+        assert!(direct > 1_000, "{direct}");
+        for s in [
+            "2024-02-01T09:00:10.250000Z",
+            "2024-02-01T09:00:10Z",
+            "2024-02-29T23:59:59.999999999Z",
+            "1969-12-31T23:59:59.5Z",
+        ] {
+            assert_eq!(utc_timestamp(s), chrono(s), "{s}");
+            assert!(utc_timestamp(s).is_some(), "{s}");
+        }
+        for s in [
+            "2023-02-29T00:00:00Z",
+            "2024-02-01T09:00:60Z",
+            "2024-02-01T09:00:10.Z",
+            "2024-02-01t09:00:10Z",
+            "2024-02-01T09:00:10+00:00",
+            "+2024-02-01T09:00:10Z",
+        ] {
+            assert_eq!(utc_timestamp(s), None, "{s}");
         }
     }
 

@@ -6,6 +6,7 @@
 //! that names what was wrong; nothing is dropped silently.
 
 mod envelope;
+mod fast;
 mod field;
 mod tables;
 
