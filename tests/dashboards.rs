@@ -979,7 +979,12 @@ async fn store_live_panels_equal_postgres_on_the_real_pipeline() {
                         continue;
                     }
                 };
-                if ch_rows != pg_rows || ch_rows.is_empty() {
+                // New customers are not placed by the orders' times: the hour
+                // around the median order may hold none (Postgres says so too).
+                let may_be_empty = range_name.starts_with("1 h")
+                    && target.panel.starts_with("New customers")
+                    && pg_rows.is_empty();
+                if ch_rows != pg_rows || (ch_rows.is_empty() && !may_be_empty) {
                     failures.push(format!(
                         "{} [{range_name}]{}\nClickHouse SQL:\n{sql}\nClickHouse rows:\n{}\n\
                          Postgres SQL:\n{reference}\nPostgres rows:\n{}",
@@ -991,6 +996,11 @@ async fn store_live_panels_equal_postgres_on_the_real_pipeline() {
                         },
                         show(&ch_rows),
                         show(&pg_rows)
+                    ));
+                } else if ch_rows.is_empty() {
+                    summary.push(format!(
+                        "{} [{range_name}]: no rows in either",
+                        target.panel
                     ));
                 } else {
                     summary.push(format!(
