@@ -198,6 +198,44 @@ fn positions(tpl: &TopicPartitionList) -> String {
     out.trim_end().to_owned()
 }
 
+/// The consumer's settings (the benchmarks' bare consumer uses them too).
+pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
+    let session_ms = config.session_timeout.as_millis();
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", session_ms.to_string())
+        .set(
+            "heartbeat.interval.ms",
+            (session_ms / 3).max(100).to_string(),
+        )
+        // Some brokers hold a fetch for the whole wait even when data is ready.
+        .set("fetch.wait.max.ms", "50")
+        // Catching up on a backlog, the prefetch queue fills faster than the
+        // pipeline drains it; librdkafka then stops fetching for this long
+        // (1 s by default), and the pipeline idles once it has drained it.
+        .set("fetch.queue.backoff.ms", "20")
+        // The subscription is a pattern: topics Debezium creates after
+        // start-up are picked up within seconds, not librdkafka's 5 minutes.
+        .set("topic.metadata.refresh.interval.ms", "5000")
+        .set(
+            "statistics.interval.ms",
+            STATISTICS_INTERVAL.as_millis().to_string(),
+        );
+    client
+}
+
+/// The subscription: every table topic of the prefix, not just the captured
+/// four, so that a table added to the connector shows up as counted, logged
+/// records rather than going unseen.
+pub fn topic_pattern(topic_prefix: &str) -> String {
+    format!(r"^{}\.public\..+", regex_escape(topic_prefix))
+}
+
 pub struct KafkaSource {
     consumer: BaseConsumer<SourceContext>,
     downstream: Arc<dyn Downstream>,
@@ -217,6 +255,11 @@ struct LoopState {
     paused: bool,
 }
 
+/// How long the poll loop waits for downstream to catch up before it pauses
+/// the partitions.
+const PAUSE_AFTER: Duration = Duration::from_millis(250);
+/// The poll loop reads the clock once per this many records.
+const CLOCK_EVERY: usize = 64;
 /// How long a poll gathers records before handing them on.
 const LINGER: Duration = Duration::from_millis(20);
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
@@ -238,33 +281,10 @@ impl KafkaSource {
             fatal: Mutex::new(None),
             generation: AtomicU64::new(0),
         };
-        let session_ms = config.session_timeout.as_millis();
-        let consumer: BaseConsumer<SourceContext> = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set("group.id", &config.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", session_ms.to_string())
-            .set(
-                "heartbeat.interval.ms",
-                (session_ms / 3).max(100).to_string(),
-            )
-            // Some brokers hold a fetch for the whole wait even when data is ready.
-            .set("fetch.wait.max.ms", "50")
-            // The subscription is a pattern: topics Debezium creates after
-            // start-up are picked up within seconds, not librdkafka's 5 minutes.
-            .set("topic.metadata.refresh.interval.ms", "5000")
-            .set(
-                "statistics.interval.ms",
-                STATISTICS_INTERVAL.as_millis().to_string(),
-            )
+        let consumer: BaseConsumer<SourceContext> = consumer_config(config)
             .create_with_context(context)
             .context("creating the Kafka consumer (setting ETL_KAFKA_BROKERS)")?;
-        // Every table topic of the prefix, not just the captured four: a table
-        // added to the connector then shows up as counted, logged records
-        // rather than going unseen.
-        let pattern = format!(r"^{}\.public\..+", regex_escape(&config.topic_prefix));
+        let pattern = topic_pattern(&config.topic_prefix);
         consumer
             .subscribe(&[&pattern])
             .context("subscribing to the table topics")?;
@@ -318,9 +338,26 @@ impl KafkaSource {
         let mut batches: Vec<RecordBatch> = Vec::new();
         let mut total = 0usize;
         let started = Instant::now();
-        let mut timeout = POLL_TIMEOUT;
-        while total < self.batch_max_records && started.elapsed() < LINGER + POLL_TIMEOUT {
-            let polled = self.consumer.poll(timeout);
+        let deadline = started + LINGER + POLL_TIMEOUT;
+        let mut now = started;
+        while total < self.batch_max_records && now < deadline {
+            // After the first record, gather only what is already there, or
+            // arrives within the linger. The clock is read when nothing is
+            // ready, and every CLOCK_EVERY records, not for each record.
+            let mut polled = if total == 0 {
+                self.consumer.poll(POLL_TIMEOUT)
+            } else {
+                self.consumer.poll(Duration::ZERO)
+            };
+            if polled.is_none() && total > 0 {
+                now = Instant::now();
+                let wait = LINGER
+                    .saturating_sub(now - started)
+                    .min(Duration::from_millis(5));
+                if !wait.is_zero() {
+                    polled = self.consumer.poll(wait);
+                }
+            }
             if generation.load(Ordering::Relaxed) != assignment {
                 // A rebalance ran inside that poll. What was gathered so far
                 // belongs to the old assignment; whoever owns those partitions
@@ -331,17 +368,19 @@ impl KafkaSource {
             }
             let message = match polled {
                 None => break,
-                Some(Err(KafkaError::PartitionEOF(_))) => continue,
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    now = Instant::now();
+                    continue;
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
                     break;
                 }
                 Some(Ok(m)) => m,
             };
-            // After the first record, gather only what is already there.
-            timeout = LINGER
-                .saturating_sub(started.elapsed())
-                .min(Duration::from_millis(5));
+            if total % CLOCK_EVERY == 0 {
+                now = Instant::now();
+            }
             let topic = match topics.get(message.topic()) {
                 Some(t) => t.clone(),
                 None => {
@@ -378,7 +417,19 @@ impl KafkaSource {
     /// half of those are done. Polling goes on meanwhile, so the group
     /// membership and rebalances are served.
     fn pause_while_backlogged(&self, state: &mut LoopState) {
-        let (inflight, max) = self.downstream.backlog();
+        let (mut inflight, max) = self.downstream.backlog();
+        // Catching up on a backlog, downstream is behind the consumer all
+        // the time, a little. Pausing for that would throw away the records
+        // librdkafka prefetched and fetch them again; so the poll loop first
+        // waits a moment for downstream to take more, and pauses only for a
+        // backlog that lasts (ClickHouse down or slow).
+        if !state.paused && inflight >= max {
+            let waiting = Instant::now();
+            while inflight >= max && waiting.elapsed() < PAUSE_AFTER {
+                std::thread::sleep(Duration::from_millis(1));
+                inflight = self.downstream.backlog().0;
+            }
+        }
         let pause = inflight >= max || (state.paused && inflight > max / 2);
         // On the poll path: read the assignment only when there is something to do.
         if !pause && !state.paused {
