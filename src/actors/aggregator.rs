@@ -1,6 +1,10 @@
 use std::collections::HashMap;
+use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::task::{ready, Poll};
+use std::time::Duration;
 
 use actix::prelude::*;
 
@@ -79,6 +83,25 @@ pub struct AggregatorActor<A: SinkTable> {
     panics: PanicInjector,
     /// The traced batches applied since the last flush, which it links to.
     batches_since_flush: Vec<SpanContext>,
+    /// The flush being written, if any (at most one at a time).
+    in_flight: Option<InFlight<A>>,
+}
+
+type Rows<A> = Arc<
+    Vec<
+        crate::aggregate::StoredRow<
+            <A as crate::aggregate::Aggregate>::Key,
+            <A as crate::aggregate::Aggregate>::Value,
+        >,
+    >,
+>;
+
+/// A flush whose rows the sink is writing while batches go on being applied.
+struct InFlight<A: SinkTable> {
+    rows: Rows<A>,
+    /// The watermarks taken with the rows: what the flush makes safe to commit.
+    marks: Vec<(i32, i64)>,
+    outcome: tokio::sync::oneshot::Receiver<Result<Duration, WriteFailed>>,
 }
 
 impl<A: SinkTable> AggregatorActor<A> {
@@ -108,14 +131,28 @@ impl<A: SinkTable> AggregatorActor<A> {
             next_lease: fastrand::u64(..) >> 16,
             panics: PanicInjector::new(faults, ActorKind::Aggregator),
             batches_since_flush: Vec::new(),
+            in_flight: None,
         }
     }
 
-    /// Writes every dirty row, then requests commits up to each partition's
-    /// watermark. The mailbox waits meanwhile (the sink retries until
-    /// ClickHouse answers), so nothing is applied between taking the rows and
-    /// marking them written, and the partitions feeding this aggregator wait.
+    /// A flush is due (the timer, or `max_rows` keys updated). If the previous
+    /// one is still being written, no batch is taken until it is done: so a
+    /// slow or unreachable ClickHouse holds this aggregator, and through it
+    /// the partitions feeding it, instead of letting dirty rows pile up.
     fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight.is_some() {
+            ctx.wait(Settled.map(|(), act: &mut Self, ctx| act.start_flush(ctx)));
+        } else {
+            self.start_flush(ctx);
+        }
+    }
+
+    /// Takes the dirty rows and the watermarks, and has the sink write them
+    /// while batches go on being applied. A row an event changes meanwhile
+    /// stays dirty (`mark_flushed` compares offsets), and the commits cover
+    /// only the watermarks taken with the rows.
+    fn start_flush(&mut self, ctx: &mut Context<Self>) {
+        debug_assert!(self.in_flight.is_none());
         let rows = Arc::new(self.state.dirty_rows());
         let marks: Vec<(i32, i64)> = self
             .state
@@ -135,44 +172,58 @@ impl<A: SinkTable> AggregatorActor<A> {
         for batch in self.batches_since_flush.drain(..) {
             span.add_link(batch);
         }
+        // Its own task: the write must go on while this actor's mailbox waits
+        // for it (a waiting context polls nothing it spawned).
         let write = self.write(rows.clone(), span);
-        ctx.wait(
-            write
-                .into_actor(self)
-                .map(move |result, act, _| match result {
-                    Ok(took) => {
-                        act.state.mark_flushed(&rows);
-                        telemetry::flushed(A::NAME, rows.len() as u64);
-                        metrics::record_flush(A::NAME, took);
-                        tracing::debug!(aggregate = A::NAME, rows = rows.len(), ?took, "flushed");
-                        for (partition, offset) in marks {
-                            act.committed.insert(partition, offset);
-                            let _ = act.commits.send(CommitRequest {
-                                topic: act.topic.clone(),
-                                partition,
-                                next_offset: offset + 1,
-                            });
-                        }
-                    }
-                    Err(WriteFailed::Unstorable(e)) => unstorable(A::NAME, &e),
-                    Err(WriteFailed::SinkGone) => {
-                        act.updated_since_flush = rows.len();
-                        tracing::warn!(
-                            aggregate = A::NAME,
-                            rows = rows.len(),
-                            "the sink actor ended during a flush; retrying on the next tick"
-                        );
-                    }
-                }),
-        );
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        actix::spawn(async move {
+            let _ = done.send(write.await);
+        });
+        self.in_flight = Some(InFlight {
+            rows,
+            marks,
+            outcome,
+        });
+        ctx.spawn(Settled);
+    }
+
+    /// The in-flight flush ended: on success its rows are clean (unless
+    /// changed since) and its watermarks are committed.
+    fn finish_flush(&mut self, flight: InFlight<A>, result: Result<Duration, WriteFailed>) {
+        let InFlight { rows, marks, .. } = flight;
+        match result {
+            Ok(took) => {
+                self.state.mark_flushed(&rows);
+                telemetry::flushed(A::NAME, rows.len() as u64);
+                metrics::record_flush(A::NAME, took);
+                tracing::debug!(aggregate = A::NAME, rows = rows.len(), ?took, "flushed");
+                for (partition, offset) in marks {
+                    self.committed.insert(partition, offset);
+                    let _ = self.commits.send(CommitRequest {
+                        topic: self.topic.clone(),
+                        partition,
+                        next_offset: offset + 1,
+                    });
+                }
+            }
+            Err(WriteFailed::Unstorable(e)) => unstorable(A::NAME, &e),
+            Err(WriteFailed::SinkGone) => {
+                self.updated_since_flush += rows.len();
+                tracing::warn!(
+                    aggregate = A::NAME,
+                    rows = rows.len(),
+                    "the sink actor ended during a flush; retrying on the next tick"
+                );
+            }
+        }
     }
 
     /// Hands rows to the sink actor; resolves with how long they took.
     fn write(
         &self,
-        rows: Arc<Vec<crate::aggregate::StoredRow<A::Key, A::Value>>>,
+        rows: Rows<A>,
         span: tracing::Span,
-    ) -> impl std::future::Future<Output = Result<std::time::Duration, WriteFailed>> + 'static {
+    ) -> impl std::future::Future<Output = Result<Duration, WriteFailed>> + 'static {
         let writer = self.writer.addr();
         let mailbox = self.writer.mailbox().clone();
         async move {
@@ -206,6 +257,33 @@ enum WriteFailed {
     Unstorable(crate::sink::SinkError),
     /// The sink actor panicked or is restarting; the rows stay dirty.
     SinkGone,
+}
+
+/// Resolves once no flush is in flight, finishing the one that was. Polled
+/// from `ctx.spawn` (a flush ends on its own) and from `ctx.wait` (whatever
+/// must not overlap a flush: the next flush, loading or releasing a
+/// partition); whichever sees the outcome first finishes the flush.
+struct Settled;
+
+impl<A: SinkTable> ActorFuture<AggregatorActor<A>> for Settled {
+    type Output = ();
+
+    fn poll(
+        self: Pin<&mut Self>,
+        act: &mut AggregatorActor<A>,
+        _: &mut Context<AggregatorActor<A>>,
+        task: &mut std::task::Context<'_>,
+    ) -> Poll<()> {
+        let Some(flight) = act.in_flight.as_mut() else {
+            return Poll::Ready(());
+        };
+        // A dropped sender means the write task died: like a gone sink.
+        let result =
+            ready!(Pin::new(&mut flight.outcome).poll(task)).unwrap_or(Err(WriteFailed::SinkGone));
+        let flight = act.in_flight.take().expect("checked above");
+        act.finish_flush(flight, result);
+        Poll::Ready(())
+    }
 }
 
 /// Exit code when an aggregate holds a value its table cannot store.
@@ -263,12 +341,15 @@ impl<A: SinkTable> Handler<Acquire> for AggregatorActor<A> {
     type Result = AtomicResponse<Self, Result<Lease, String>>;
 
     fn handle(&mut self, Acquire { partition }: Acquire, _: &mut Self::Context) -> Self::Result {
-        // Until the rows are loaded, no batch of the partition is taken.
-        self.forget(partition);
-        let sink = self.sink.clone();
+        // Until the rows are loaded, no batch of the partition is taken; a
+        // flush in flight lands first, so the load reads what it wrote.
         AtomicResponse::new(Box::pin(
-            async move { sink.load_partition::<A>(partition).await }
-                .into_actor(self)
+            Settled
+                .then(move |(), act: &mut Self, _| {
+                    act.forget(partition);
+                    let sink = act.sink.clone();
+                    async move { sink.load_partition::<A>(partition).await }.into_actor(act)
+                })
                 .map(move |result, act, _| {
                     let rows = result.map_err(|e| e.to_string())?;
                     let loaded = rows.len();
@@ -296,40 +377,47 @@ impl<A: SinkTable> Handler<Release> for AggregatorActor<A> {
         Release { partition, lost }: Release,
         _: &mut Self::Context,
     ) -> Self::Result {
-        let rows = Arc::new(if lost {
-            Vec::new()
-        } else {
-            self.state.dirty_rows()
-        });
-        let span = tracing::info_span!(
-            "flush",
-            aggregate = A::NAME,
-            rows = rows.len(),
-            partition,
-            lost
-        );
-        let write = self.write(rows.clone(), span);
-        AtomicResponse::new(Box::pin(write.into_actor(self).map(
-            move |result, act, _| {
-                let next = match result {
-                    Ok(_) if !lost => {
-                        act.state.mark_flushed(&rows);
-                        act.state.watermark(partition).map(|o| o + 1)
-                    }
-                    Ok(_) => None,
-                    Err(WriteFailed::Unstorable(e)) => unstorable(A::NAME, &e),
-                    Err(WriteFailed::SinkGone) => {
-                        tracing::warn!(
-                            aggregate = A::NAME,
-                            partition,
-                            "flush on release failed; the next owner replays"
-                        );
-                        None
-                    }
-                };
-                act.forget(partition);
-                next
-            },
-        )))
+        // A flush in flight ends first (its commits included); then the
+        // partition's rows it did not cover are written.
+        AtomicResponse::new(Box::pin(
+            Settled
+                .then(move |(), act: &mut Self, _| {
+                    let rows = Arc::new(if lost {
+                        Vec::new()
+                    } else {
+                        act.state.dirty_rows()
+                    });
+                    let span = tracing::info_span!(
+                        "flush",
+                        aggregate = A::NAME,
+                        rows = rows.len(),
+                        partition,
+                        lost
+                    );
+                    act.write(rows.clone(), span)
+                        .into_actor(act)
+                        .map(move |result, _, _| (rows, result))
+                })
+                .map(move |(rows, result), act, _| {
+                    let next = match result {
+                        Ok(_) if !lost => {
+                            act.state.mark_flushed(&rows);
+                            act.state.watermark(partition).map(|o| o + 1)
+                        }
+                        Ok(_) => None,
+                        Err(WriteFailed::Unstorable(e)) => unstorable(A::NAME, &e),
+                        Err(WriteFailed::SinkGone) => {
+                            tracing::warn!(
+                                aggregate = A::NAME,
+                                partition,
+                                "flush on release failed; the next owner replays"
+                            );
+                            None
+                        }
+                    };
+                    act.forget(partition);
+                    next
+                }),
+        ))
     }
 }

@@ -26,9 +26,9 @@ impl<A: SinkTable> Message for Write<A> {
 }
 
 /// Writes one aggregate's rows to ClickHouse. While ClickHouse is down or
-/// slow it retries with backoff and does not answer, which holds its
-/// aggregator, which holds the partitions feeding it: that is the
-/// backpressure that pauses the consumer.
+/// slow it retries with backoff and does not answer; its aggregator then
+/// stops taking batches at its next flush, which holds the partitions
+/// feeding it: that is the backpressure that pauses the consumer.
 pub struct SinkActor<A: SinkTable> {
     sink: ClickHouseSink,
     faults: Arc<FaultConfig>,
