@@ -7,6 +7,8 @@
 
 pub mod actors;
 pub mod aggregate;
+pub mod app;
+pub mod bench;
 pub mod cdc;
 pub mod config;
 pub mod loadgen;

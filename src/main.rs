@@ -4,16 +4,12 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use etl::actors::{Pipeline, Supervision, Wiring};
 use etl::config::Config;
-use etl::sink::{ClickHouseSink, DeadLetters};
-use etl::source::KafkaSource;
+use etl::sink::ClickHouseSink;
 
 #[derive(Parser)]
 #[command(name = "etl-processor", version, about)]
@@ -37,6 +33,34 @@ enum Command {
     /// (ETL_POSTGRES_URL) at a target rate of new orders, until SIGTERM/SIGINT
     /// or --duration; prints progress and a summary to stderr.
     Loadgen(etl::loadgen::Args),
+    /// Write synthetic Debezium events (the connector's shapes, a seeded
+    /// store workload) into the table topics of ETL_KAFKA_BROKERS and
+    /// ETL_TOPIC_PREFIX, creating the topics if needed.
+    Produce(etl::bench::synthetic::ProduceArgs),
+    /// Benchmarks; each prints its figures (see BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        bench: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Every bench below in one run (the pipeline with one process), then
+    /// the goals each measured; needs the whole stack.
+    All(etl::bench::AllArgs),
+    /// Postgres commit -> visible in ClickHouse under steady load, through
+    /// the real stack (ETL_POSTGRES_URL, ETL_KAFKA_BROKERS, ETL_CLICKHOUSE_URL).
+    Freshness(etl::bench::freshness::FreshnessArgs),
+    /// Decode + aggregate on one thread, ours against a naive serde_json::Value
+    /// baseline, on synthetic events (schemas off and on).
+    Core(etl::bench::core::Args),
+    /// The processor (from a preloaded topic to aggregates in ClickHouse,
+    /// ETL_CLICKHOUSE_URL) against a bare consumer, on librdkafka's mock cluster.
+    Pipeline(etl::bench::pipeline::Args),
+    /// Resident memory of one processor with many live keys, and while
+    /// ClickHouse is unreachable (mock cluster; ETL_CLICKHOUSE_URL behind a relay).
+    Memory(etl::bench::memory::MemoryArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +93,10 @@ fn main() -> ExitCode {
         Command::Run => run(config),
         Command::Replay { file } => replay(&file, &config.kafka.topic_prefix),
         Command::Reconcile => reconcile(config),
+        Command::Bench { bench } => run_bench(bench, &config),
+        Command::Produce(args) => {
+            etl::bench::synthetic::command(args, &config).map(|()| ExitCode::SUCCESS)
+        }
         Command::Loadgen(args) => {
             etl::loadgen::command(args, config.require_postgres(), tokio_runtime)
         }
@@ -93,6 +121,21 @@ fn replay(file: &std::path::Path, topic_prefix: &str) -> anyhow::Result<ExitCode
         writeln!(out, "{line}")?;
     }
     tracing::info!(?summary, "replayed");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_bench(bench: BenchCommand, config: &Config) -> anyhow::Result<ExitCode> {
+    // Each bench prints its own figures; `all` ends with the goals.
+    match bench {
+        BenchCommand::All(args) => drop(etl::bench::all(&args, config)?),
+        BenchCommand::Freshness(args) => {
+            let freshness = tokio_runtime()?.block_on(etl::bench::freshness::run(&args, config))?;
+            freshness.print(&args);
+        }
+        BenchCommand::Core(args) => drop(etl::bench::core::run(args)?),
+        BenchCommand::Pipeline(args) => drop(etl::bench::pipeline::run(args, config)?),
+        BenchCommand::Memory(args) => drop(etl::bench::memory::run(args, config)?),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -123,88 +166,6 @@ fn reconcile(config: Config) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Exit code when supervision gives up: an actor failed more often than its
-/// restart policy allows (or the source thread panicked). The process must
-/// not go on with an actor missing; the orchestrator restarts it clean.
-const EXIT_ESCALATED: i32 = 70;
-/// Exit code when a shutdown did not flush and commit within its bound.
-const EXIT_SHUTDOWN_TIMEOUT: i32 = 4;
-
 fn run(config: Config) -> anyhow::Result<ExitCode> {
-    if config.faults.any() {
-        tracing::warn!(faults = ?config.faults, "FAULT INJECTION IS ON (ETL_FAULT_*): for tests only");
-    }
-    let system = actix::System::with_tokio_rt(|| tokio_runtime().expect("tokio runtime"));
-    system.block_on(async move {
-        if let Some(addr) = config.telemetry.metrics_addr {
-            let metrics = etl::telemetry::metrics::install()?;
-            let bound = etl::telemetry::http::serve(addr, metrics)
-                .await
-                .with_context(|| format!("setting ETL_METRICS_ADDR: cannot listen on {addr}"))?;
-            tracing::info!(%bound, "serving /metrics, /health/live and /health/ready");
-        }
-        let sink = ClickHouseSink::connect(&config.clickhouse)
-            .await
-            .context("connecting to ClickHouse (setting ETL_CLICKHOUSE_URL)")?;
-        let dead_letters = DeadLetters::new(&config.kafka.brokers, &config.dead_letter_topic)
-            .context("creating the dead-letter producer (setting ETL_KAFKA_BROKERS)")?;
-        let (commits, commits_rx) = std::sync::mpsc::channel();
-        let (rewinds, rewinds_rx) = std::sync::mpsc::channel();
-        let (escalations, mut escalated) = tokio::sync::mpsc::unbounded_channel();
-        let wiring = Wiring {
-            sink,
-            dead_letters,
-            supervision: Supervision::new(escalations),
-            commits,
-            rewinds,
-        };
-        let pipeline = Arc::new(Pipeline::start(&config, wiring));
-        let source = KafkaSource::new(&config.kafka, pipeline, commits_rx, rewinds_rx)?;
-
-        etl::telemetry::started();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let source_stop = stop.clone();
-        std::thread::Builder::new().name("kafka-source".into()).spawn(move || {
-            let _ = done_tx.send(source.run(&source_stop));
-        })?;
-
-        tokio::pin!(done_rx);
-        let source_died = || {
-            tracing::error!("the Kafka source thread panicked; exiting");
-            std::process::exit(EXIT_ESCALATED)
-        };
-        let result = tokio::select! {
-            signal = shutdown_signal() => {
-                tracing::info!(%signal, bound = ?config.shutdown_timeout, "shutting down: flushing and committing");
-                etl::telemetry::stopping();
-                stop.store(true, Ordering::Relaxed);
-                match tokio::time::timeout(config.shutdown_timeout, &mut done_rx).await {
-                    Ok(done) => done.unwrap_or_else(|_| source_died()),
-                    Err(_) => {
-                        tracing::error!(bound = ?config.shutdown_timeout, "shutdown did not finish in time (setting ETL_SHUTDOWN_TIMEOUT_MS); exiting without the last flush: the next start replays it");
-                        std::process::exit(EXIT_SHUTDOWN_TIMEOUT);
-                    }
-                }
-            }
-            Some(e) = escalated.recv() => {
-                etl::telemetry::log_summary();
-                tracing::error!(kind = e.kind.as_str(), actor = %e.name, "supervision gave up: {}; exiting so the process is restarted", e.reason);
-                std::process::exit(EXIT_ESCALATED);
-            }
-            result = &mut done_rx => result.unwrap_or_else(|_| source_died()),
-        };
-        etl::telemetry::log_summary();
-        actix::System::current().stop();
-        result.map(|()| ExitCode::SUCCESS)
-    })
-}
-
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-    }
+    etl::app::run(config, etl::app::shutdown_signal())
 }

@@ -1,0 +1,80 @@
+//! `etl-processor bench all --smoke`: every bench runs end to end against the
+//! real stack and ends with a verdict on each goal. The sizes are small and
+//! the build is a debug one, so the figures are not judged here; what is
+//! checked is that each bench ran to its end, which includes the benches' own
+//! checks (the pipeline's and memory runs' totals in ClickHouse equal the
+//! events' totals, every partition committed, freshness markers seen).
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+#[tokio::test]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn bench_all_runs_every_bench_and_judges_every_goal() {
+    let stack = common::Stack::load();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etl-processor"));
+    cmd.args(["bench", "all", "--smoke"])
+        .envs(stack.vars())
+        .env("ETL_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(600), cmd.output())
+        .await
+        .expect("bench all --smoke did not finish in 10 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    println!("{stdout}");
+
+    // The sections, in order, each with its own table.
+    let mut at = 0;
+    for section in ["core", "pipeline", "freshness", "memory", "goals"] {
+        let header = format!("== bench {section}");
+        let found = stdout[at..]
+            .find(&header)
+            .unwrap_or_else(|| panic!("no {header:?} after byte {at}:\n{stdout}"));
+        at += found + header.len();
+    }
+    assert!(stdout.contains("totals in ClickHouse checked"), "{stdout}");
+
+    // The goals table: one row per goal, in this order, each judged except
+    // the 1,000,000-key one (a smoke run has 5,000 keys).
+    let goals = &stdout[at..];
+    let rows: Vec<&str> = goals
+        .lines()
+        .skip(3) // the blank line after the section header, the header, the rule
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let expected = [
+        ("core: >= 1,000,000 schemas-off events/s per core", "yes|NO"),
+        ("core: >= 2.5x the naive baseline, schemas off", "yes|NO"),
+        ("core: >= 2.5x the naive baseline, schemas on", "yes|NO"),
+        (
+            "pipeline: >= 70 % of a bare consumer (pipeline, in-process)",
+            "yes|NO",
+        ),
+        (
+            "pipeline: >= 70 % of a bare consumer (pipeline, 1 process(es))",
+            "yes|NO",
+        ),
+        ("freshness: p99 <= flush interval + 250 ms", "yes|NO"),
+        ("memory: RSS <= 256 MiB with 1,000,000 live keys", "n/a"),
+        ("memory: flat while ClickHouse is down", "yes|NO"),
+    ];
+    assert_eq!(rows.len(), expected.len(), "{goals}");
+    for (row, (goal, verdicts)) in rows.iter().zip(expected) {
+        assert!(row.starts_with(goal), "{row:?} is not {goal:?}\n{goals}");
+        let met = row.rsplit(' ').next().unwrap();
+        assert!(verdicts.split('|').any(|v| v == met), "{row:?}\n{goals}");
+    }
+}
