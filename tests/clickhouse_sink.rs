@@ -37,10 +37,21 @@ async fn rows_round_trip_and_the_highest_offset_wins() {
     ] {
         sink.write::<OrdersByMinute>(&rows).await.unwrap();
     }
-    let mut loaded = sink.load_partition::<OrdersByMinute>(0).await.unwrap();
+    let mut loaded = sink.load_partitions::<OrdersByMinute>(&[0]).await.unwrap();
     assert_eq!(loaded, vec![row(0, 2, "90.96", 7)]);
-    loaded = sink.load_partition::<OrdersByMinute>(1).await.unwrap();
+    loaded = sink.load_partitions::<OrdersByMinute>(&[1]).await.unwrap();
     assert_eq!(loaded, vec![row(1, 1, "0.01", 2)]);
+    loaded = sink
+        .load_partitions::<OrdersByMinute>(&[1, 0, 5])
+        .await
+        .unwrap();
+    loaded.sort_by_key(|r| r.partition);
+    assert_eq!(loaded, vec![row(0, 2, "90.96", 7), row(1, 1, "0.01", 2)]);
+    assert!(sink
+        .load_partitions::<OrdersByMinute>(&[])
+        .await
+        .unwrap()
+        .is_empty());
 
     #[derive(clickhouse::Row, serde::Deserialize)]
     struct Total {
@@ -82,8 +93,12 @@ async fn products_dimension_keeps_text_and_deletion() {
         },
     ];
     sink.write::<Products>(&rows).await.unwrap();
-    let mut loaded = sink.load_partition::<Products>(2).await.unwrap();
+    let mut loaded = sink.load_partitions::<Products>(&[2]).await.unwrap();
     loaded.sort_by_key(|r| r.key);
     assert_eq!(loaded, rows);
-    assert!(sink.load_partition::<Products>(0).await.unwrap().is_empty());
+    assert!(sink
+        .load_partitions::<Products>(&[0])
+        .await
+        .unwrap()
+        .is_empty());
 }

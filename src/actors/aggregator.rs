@@ -48,12 +48,13 @@ pub struct ApplyChanges {
 #[derive(Debug)]
 pub struct StaleLease;
 
-/// (Re)load a partition's rows before its first batch, dropping whatever
-/// this instance held of it; answers with the lease its batches must carry.
+/// (Re)load partitions' rows before their first batch, dropping whatever
+/// this instance held of them; answers with the lease each partition's
+/// batches must carry, in the order asked.
 #[derive(Message)]
-#[rtype(result = "Result<Lease, String>")]
+#[rtype(result = "Result<Vec<Lease>, String>")]
 pub struct Acquire {
-    pub partition: i32,
+    pub partitions: Vec<i32>,
 }
 
 /// Flush (unless `lost`) and forget a partition; answers with the offset to
@@ -338,32 +339,44 @@ impl<A: SinkTable> Handler<ApplyChanges> for AggregatorActor<A> {
 }
 
 impl<A: SinkTable> Handler<Acquire> for AggregatorActor<A> {
-    type Result = AtomicResponse<Self, Result<Lease, String>>;
+    type Result = AtomicResponse<Self, Result<Vec<Lease>, String>>;
 
-    fn handle(&mut self, Acquire { partition }: Acquire, _: &mut Self::Context) -> Self::Result {
-        // Until the rows are loaded, no batch of the partition is taken; a
+    fn handle(&mut self, Acquire { partitions }: Acquire, _: &mut Self::Context) -> Self::Result {
+        // Until the rows are loaded, no batch of the partitions is taken; a
         // flush in flight lands first, so the load reads what it wrote.
         AtomicResponse::new(Box::pin(
             Settled
-                .then(move |(), act: &mut Self, _| {
-                    act.forget(partition);
+                .then(|(), act: &mut Self, _| {
+                    for &partition in &partitions {
+                        act.forget(partition);
+                    }
                     let sink = act.sink.clone();
-                    async move { sink.load_partition::<A>(partition).await }.into_actor(act)
+                    async move {
+                        let rows = sink.load_partitions::<A>(&partitions).await;
+                        (partitions, rows)
+                    }
+                    .into_actor(act)
                 })
-                .map(move |result, act, _| {
+                .map(|(partitions, result), act, _| {
                     let rows = result.map_err(|e| e.to_string())?;
                     let loaded = rows.len();
                     act.state.load(rows);
-                    act.next_lease += 1;
-                    let lease = Lease(act.next_lease);
-                    act.leases.insert(partition, lease);
+                    let leases = partitions
+                        .iter()
+                        .map(|&partition| {
+                            act.next_lease += 1;
+                            let lease = Lease(act.next_lease);
+                            act.leases.insert(partition, lease);
+                            lease
+                        })
+                        .collect();
                     tracing::info!(
                         aggregate = A::NAME,
-                        partition,
+                        ?partitions,
                         rows = loaded,
                         "partition state loaded"
                     );
-                    Ok(lease)
+                    Ok(leases)
                 }),
         ))
     }

@@ -106,32 +106,82 @@ impl Pipeline {
         Some((table, &self.aggregators[&table]))
     }
 
-    /// Has the aggregator (re)load the partition; returns the new lease.
+    /// Has the aggregator (re)load the partitions; returns their new leases,
+    /// in the same order.
     fn acquire(
         &self,
         table: Table,
         handle: &AggregatorHandle,
-        partition: i32,
-    ) -> anyhow::Result<Lease> {
+        partitions: &[i32],
+    ) -> anyhow::Result<Vec<Lease>> {
         let mut backoff = ACQUIRE_FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
+            let acquire = Acquire {
+                partitions: partitions.to_vec(),
+            };
             let answer = match (handle.acquire)() {
-                Some(acquire) => block_on(acquire.send(Acquire { partition }))
+                Some(route) => block_on(route.send(acquire))
                     .unwrap_or_else(|e| Err(format!("the aggregator ended: {e}"))),
                 None => Err("the aggregator is restarting".to_owned()),
             };
             match answer {
-                Ok(lease) => return Ok(lease),
+                Ok(leases) => return Ok(leases),
                 Err(e) if attempt < ACQUIRE_ATTEMPTS => {
-                    tracing::warn!(%table, partition, attempt, error = %e, "loading partition state failed; retrying");
+                    tracing::warn!(%table, ?partitions, attempt, error = %e, "loading partition state failed; retrying");
                     std::thread::sleep(backoff);
                     backoff *= 2;
                     attempt += 1;
                 }
-                Err(e) => anyhow::bail!("loading {table} partition {partition} state: {e}"),
+                Err(e) => anyhow::bail!("loading {table} partitions {partitions:?} state: {e}"),
             }
         }
+    }
+
+    /// Starts the supervised actor that decodes `partition`, under `lease`.
+    fn start_partition(
+        &self,
+        topic: &str,
+        table: Table,
+        aggregator: &AggregatorHandle,
+        partition: i32,
+        lease: Lease,
+    ) {
+        let (route, dead_letters, faults) = (
+            (aggregator.apply.clone(), aggregator.mailbox.clone()),
+            self.dead_letters.clone(),
+            self.faults.clone(),
+        );
+        let rewinds = self.rewinds.clone();
+        let rewind_topic = topic.to_owned();
+        let actor = self.supervision.start(
+            &self.decoders,
+            ActorKind::Partition,
+            format!("partition {topic}/{partition}"),
+            self.policies.partition,
+            move |failure| {
+                PartitionActor::new(
+                    table,
+                    partition,
+                    route.clone(),
+                    dead_letters.clone(),
+                    &faults,
+                    failure,
+                )
+            },
+            // The batches in the failed instance's mailbox are gone: replay
+            // the partition from its last commit.
+            move || {
+                let _ = rewinds.send(Rewind {
+                    topic: rewind_topic.clone(),
+                    partition: Some(partition),
+                });
+            },
+        );
+        if let Some(addr) = actor.addr() {
+            addr.do_send(SetLease(lease));
+        }
+        self.partitions.insert((topic.to_owned(), partition), actor);
     }
 }
 
@@ -194,47 +244,15 @@ impl Starter<'_> {
 }
 
 impl Downstream for Pipeline {
-    fn assigned(&self, topic: &str, partition: i32) -> anyhow::Result<()> {
+    fn assigned(&self, topic: &str, partitions: &[i32]) -> anyhow::Result<()> {
         let Some((table, aggregator)) = self.table(topic) else {
             // Its records are counted and skipped in `deliver`.
             return Ok(());
         };
-        let lease = self.acquire(table, aggregator, partition)?;
-        let (route, dead_letters, faults) = (
-            (aggregator.apply.clone(), aggregator.mailbox.clone()),
-            self.dead_letters.clone(),
-            self.faults.clone(),
-        );
-        let rewinds = self.rewinds.clone();
-        let rewind_topic = topic.to_owned();
-        let actor = self.supervision.start(
-            &self.decoders,
-            ActorKind::Partition,
-            format!("partition {topic}/{partition}"),
-            self.policies.partition,
-            move |failure| {
-                PartitionActor::new(
-                    table,
-                    partition,
-                    route.clone(),
-                    dead_letters.clone(),
-                    &faults,
-                    failure,
-                )
-            },
-            // The batches in the failed instance's mailbox are gone: replay
-            // the partition from its last commit.
-            move || {
-                let _ = rewinds.send(Rewind {
-                    topic: rewind_topic.clone(),
-                    partition: Some(partition),
-                });
-            },
-        );
-        if let Some(addr) = actor.addr() {
-            addr.do_send(SetLease(lease));
+        let leases = self.acquire(table, aggregator, partitions)?;
+        for (&partition, lease) in partitions.iter().zip(leases) {
+            self.start_partition(topic, table, aggregator, partition, lease);
         }
-        self.partitions.insert((topic.to_owned(), partition), actor);
         Ok(())
     }
 
@@ -249,7 +267,9 @@ impl Downstream for Pipeline {
         else {
             return Ok(());
         };
-        let lease = self.acquire(table, aggregator, partition)?;
+        let [lease] = self.acquire(table, aggregator, &[partition])?[..] else {
+            anyhow::bail!("the aggregator answered one partition with another number of leases");
+        };
         // Queued behind any batch from before the rewind, which is dropped
         // under the old lease (or none).
         // None: restarting, and its restart asks for another rewind.

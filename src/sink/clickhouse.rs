@@ -155,15 +155,25 @@ impl ClickHouseSink {
     }
 
     /// The latest row of every key of `partition` (FINAL: the highest offset).
-    pub async fn load_partition<A: SinkTable>(
+    pub async fn load_partitions<A: SinkTable>(
         &self,
-        partition: i32,
+        partitions: &[i32],
     ) -> Result<Vec<StoredRow<A::Key, A::Value>>, SinkError> {
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One query for a whole assignment, not one per partition. They are
+        // integers, so they go into the SQL as they are.
+        let list = partitions
+            .iter()
+            .map(i32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let sql = format!(
-            "SELECT ?fields FROM {} FINAL WHERE source_partition = ?",
+            "SELECT ?fields FROM {} FINAL WHERE source_partition IN ({list})",
             A::NAME
         );
-        let query = self.client.query(&sql).bind(partition);
+        let query = self.client.query(&sql);
         let rows: Vec<A::Row> = within(async { Ok(query.fetch_all().await?) }).await?;
         rows.into_iter().map(A::from_row).collect()
     }

@@ -8,8 +8,8 @@
 //! offsets are committed before the partition is given up. Offsets are only
 //! ever committed for events whose effect is already in ClickHouse.
 
-use std::collections::HashMap;
 use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -64,8 +64,9 @@ pub struct Rewind {
 
 /// What the source needs from the runtime. Each call blocks until done.
 pub trait Downstream: Send + Sync + 'static {
-    /// A partition was assigned: get ready for its first batch.
-    fn assigned(&self, topic: &str, partition: i32) -> anyhow::Result<()>;
+    /// Partitions of `topic` were assigned: get ready for their first
+    /// batches (all at once: their state is loaded in one go).
+    fn assigned(&self, topic: &str, partitions: &[i32]) -> anyhow::Result<()>;
     /// A partition is about to be replayed from its last commit: drop what
     /// is held of it and reload its stored state.
     fn rewound(&self, topic: &str, partition: i32) -> anyhow::Result<()>;
@@ -137,13 +138,16 @@ impl ConsumerContext for SourceContext {
                 Err(e) => format!("unknown ({e})"),
             };
             tracing::info!(partitions = tpl.count(), %resume, "partitions assigned");
+            let mut by_topic: BTreeMap<String, Vec<i32>> = BTreeMap::new();
             for e in tpl.elements() {
-                if let Err(err) = self.downstream.assigned(e.topic(), e.partition()) {
-                    let why = format!(
-                        "cannot take partition {}/{}: {err:#}",
-                        e.topic(),
-                        e.partition()
-                    );
+                by_topic
+                    .entry(e.topic().to_owned())
+                    .or_default()
+                    .push(e.partition());
+            }
+            for (topic, partitions) in by_topic {
+                if let Err(err) = self.downstream.assigned(&topic, &partitions) {
+                    let why = format!("cannot take partitions {partitions:?} of {topic}: {err:#}");
                     *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                 }
             }
