@@ -9,6 +9,7 @@ pub mod actors;
 pub mod aggregate;
 pub mod app;
 pub mod bench;
+pub mod catalog;
 pub mod cdc;
 pub mod config;
 pub mod loadgen;

@@ -38,6 +38,7 @@ use anyhow::Context as _;
 use rust_decimal::Decimal;
 use tokio::time::Instant;
 
+use crate::catalog::{FIRST_NAMES, GOODS, LAST_NAMES, QUANTITIES, VARIANTS};
 use crate::config::ConfigError;
 
 /// The sequences of the four tables are moved up to at least this value, far
@@ -71,74 +72,16 @@ const FINISHED_KEPT: usize = 10_000;
 
 // ------------------------------------------------------------------ model --
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Status {
-    Pending,
-    Paid,
-    Shipped,
-    Delivered,
-    Cancelled,
-}
+pub use crate::catalog::Status;
 
-impl Status {
-    pub const ALL: [Status; 5] = [
-        Status::Pending,
-        Status::Paid,
-        Status::Shipped,
-        Status::Delivered,
-        Status::Cancelled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "pending",
-            Status::Paid => "paid",
-            Status::Shipped => "shipped",
-            Status::Delivered => "delivered",
-            Status::Cancelled => "cancelled",
-        }
-    }
-
-    /// The next status of the normal lifecycle.
-    pub fn successor(self) -> Option<Status> {
-        match self {
-            Status::Pending => Some(Status::Paid),
-            Status::Paid => Some(Status::Shipped),
-            Status::Shipped => Some(Status::Delivered),
-            Status::Delivered | Status::Cancelled => None,
-        }
-    }
-
-    /// Whether an order may move from `self` to `next`: one step forward
-    /// along the lifecycle, or to cancelled from pending or paid.
-    pub fn may_become(self, next: Status) -> bool {
-        self.successor() == Some(next)
-            || (next == Status::Cancelled && matches!(self, Status::Pending | Status::Paid))
-    }
-
-    pub fn is_final(self) -> bool {
-        self.successor().is_none()
-    }
-
-    /// How long an order waits before moving to `next`, in milliseconds.
-    fn delay_ms(next: Status) -> std::ops::Range<u64> {
-        match next {
-            Status::Paid => 1_000..4_000,
-            Status::Shipped => 2_000..6_000,
-            Status::Delivered => 3_000..10_000,
-            Status::Cancelled => 1_000..5_000,
-            Status::Pending => 0..1,
-        }
-    }
-}
-
-impl FromStr for Status {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Status::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown order status {s:?}"))
+/// How long an order waits before moving to `next`, in milliseconds.
+fn delay_ms(next: Status) -> std::ops::Range<u64> {
+    match next {
+        Status::Paid => 1_000..4_000,
+        Status::Shipped => 2_000..6_000,
+        Status::Delivered => 3_000..10_000,
+        Status::Cancelled => 1_000..5_000,
+        Status::Pending => 0..1,
     }
 }
 
@@ -339,60 +282,6 @@ impl<T: Copy + Eq + std::hash::Hash> Pool<T> {
     }
 }
 
-const FIRST: &[&str] = &[
-    "Ada", "Alan", "Grace", "Edsger", "Barbara", "Donald", "Frances", "John", "Margaret", "Ken",
-    "Radia", "Niklaus", "Shafi", "Tony", "Leslie", "Sophie", "Annie", "Dennis", "Hedy", "Claude",
-];
-const LAST: &[&str] = &[
-    "Lovelace",
-    "Turing",
-    "Hopper",
-    "Dijkstra",
-    "Liskov",
-    "Knuth",
-    "Allen",
-    "Backus",
-    "Hamilton",
-    "Thompson",
-    "Perlman",
-    "Wirth",
-    "Goldwasser",
-    "Hoare",
-    "Lamport",
-    "Wilson",
-    "Easley",
-    "Ritchie",
-    "Lamarr",
-    "Shannon",
-];
-const GOODS: &[(&str, &str)] = &[
-    ("Espresso beans", "coffee"),
-    ("Filter roast", "coffee"),
-    ("Decaf beans", "coffee"),
-    ("Cold brew pack", "coffee"),
-    ("Sencha", "tea"),
-    ("Earl grey", "tea"),
-    ("Rooibos", "tea"),
-    ("Matcha", "tea"),
-    ("Pour-over kettle", "equipment"),
-    ("Hand grinder", "equipment"),
-    ("Burr grinder", "equipment"),
-    ("Dripper", "equipment"),
-    ("Scale", "equipment"),
-    ("Paper filters", "supplies"),
-    ("Descaler", "supplies"),
-    ("Cleaning tablets", "supplies"),
-    ("Mug", "accessories"),
-    ("Tamper", "accessories"),
-    ("Storage jar", "accessories"),
-    ("Brush", "accessories"),
-];
-const VARIANTS: &[&str] = &[
-    "250g", "500g", "1kg", "small", "large", "classic", "pro", "travel",
-];
-/// Quantities of new lines: mostly one or two.
-const QUANTITIES: &[i32] = &[1, 1, 1, 1, 2, 2, 2, 3, 4, 5];
-
 /// The decisions: which operation comes next, with which values. No I/O.
 pub struct Model {
     rng: fastrand::Rng,
@@ -544,8 +433,8 @@ impl Model {
     fn new_customer(&mut self) -> Op {
         let customer = self.add_customer();
         self.customers.insert(customer);
-        let first = FIRST[self.rng.usize(..FIRST.len())];
-        let last = LAST[self.rng.usize(..LAST.len())];
+        let first = FIRST_NAMES[self.rng.usize(..FIRST_NAMES.len())];
+        let last = LAST_NAMES[self.rng.usize(..LAST_NAMES.len())];
         Op::NewCustomer {
             customer,
             full_name: format!("{first} {last}"),
@@ -642,7 +531,7 @@ impl Model {
         let Some(next) = self.orders.get(&order).and_then(Order::next_status) else {
             return;
         };
-        let delay = self.rng.u64(Status::delay_ms(next)) * 1_000;
+        let delay = self.rng.u64(delay_ms(next)) * 1_000;
         self.due.push(Reverse((after + delay, order)));
     }
 
@@ -1270,6 +1159,10 @@ impl Executor<'_> {
             Err(failure) => {
                 model.rejected(&op);
                 let what = op.kind().as_str();
+                let lost = match &failure {
+                    Failure::Db(e) => connection_lost(e, &self.db.client),
+                    _ => self.db.client.is_closed(),
+                };
                 let (kind, text) = match &failure {
                     Failure::Stale => (
                         format!("{what}/stale"),
@@ -1281,10 +1174,11 @@ impl Executor<'_> {
                             .into(),
                     ),
                     Failure::Db(e) => {
-                        let code = match e.code() {
-                            Some(code) => code.code().to_owned(),
-                            None if self.db.client.is_closed() => "connection".to_owned(),
-                            None => "client".to_owned(),
+                        let code = if lost {
+                            "connection".to_owned()
+                        } else {
+                            e.code()
+                                .map_or_else(|| "client".to_owned(), |c| c.code().to_owned())
                         };
                         (format!("{what}/{code}"), describe(e))
                     }
@@ -1294,7 +1188,7 @@ impl Executor<'_> {
                         "loadgen: {kind}: {text} (logged once per kind, counted in the summary)"
                     );
                 }
-                if self.db.client.is_closed() {
+                if lost {
                     tracing::warn!("loadgen: lost the connection to Postgres; reconnecting");
                     match connect_with_retry(self.url, &self.stop, "reconnecting").await {
                         Some(db) => {
@@ -1308,6 +1202,16 @@ impl Executor<'_> {
         }
         true
     }
+}
+
+/// Whether `e` means the session is gone: the client saw it close, or the
+/// server said so (class 08, connection exception; 57P, e.g. 57P01 when an
+/// administrator ended the session) before the client noticed.
+fn connection_lost(e: &tokio_postgres::Error, client: &tokio_postgres::Client) -> bool {
+    client.is_closed()
+        || e.is_closed()
+        || e.code()
+            .is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57P"))
 }
 
 /// Runs the workload until SIGTERM/SIGINT or the end of `duration`.

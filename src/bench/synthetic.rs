@@ -49,6 +49,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::ClientContext;
 
 use super::{thousands, Progress};
+use crate::catalog::{Status, FIRST_NAMES, GOODS, LAST_NAMES, QUANTITIES, VARIANTS};
 use crate::cdc::{Op, Table};
 use crate::config::Config;
 
@@ -118,36 +119,6 @@ pub struct Message {
 
 // ------------------------------------------------------------- the store --
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Status {
-    Pending,
-    Paid,
-    Shipped,
-    Delivered,
-    Cancelled,
-}
-
-impl Status {
-    fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "pending",
-            Status::Paid => "paid",
-            Status::Shipped => "shipped",
-            Status::Delivered => "delivered",
-            Status::Cancelled => "cancelled",
-        }
-    }
-
-    fn successor(self) -> Option<Status> {
-        match self {
-            Status::Pending => Some(Status::Paid),
-            Status::Paid => Some(Status::Shipped),
-            Status::Shipped => Some(Status::Delivered),
-            Status::Delivered | Status::Cancelled => None,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 struct CustomerRow {
     first: u8,
@@ -192,58 +163,6 @@ enum Image<'a> {
     Item(i64, &'a ItemRow),
 }
 
-const FIRST: &[&str] = &[
-    "Ada", "Alan", "Grace", "Edsger", "Barbara", "Donald", "Frances", "John", "Margaret", "Ken",
-    "Radia", "Niklaus", "Shafi", "Tony", "Leslie", "Sophie", "Annie", "Dennis", "Hedy", "Claude",
-];
-const LAST: &[&str] = &[
-    "Lovelace",
-    "Turing",
-    "Hopper",
-    "Dijkstra",
-    "Liskov",
-    "Knuth",
-    "Allen",
-    "Backus",
-    "Hamilton",
-    "Thompson",
-    "Perlman",
-    "Wirth",
-    "Goldwasser",
-    "Hoare",
-    "Lamport",
-    "Wilson",
-    "Easley",
-    "Ritchie",
-    "Lamarr",
-    "Shannon",
-];
-const GOODS: &[(&str, &str)] = &[
-    ("Espresso beans", "coffee"),
-    ("Filter roast", "coffee"),
-    ("Decaf beans", "coffee"),
-    ("Cold brew pack", "coffee"),
-    ("Sencha", "tea"),
-    ("Earl grey", "tea"),
-    ("Rooibos", "tea"),
-    ("Matcha", "tea"),
-    ("Pour-over kettle", "equipment"),
-    ("Hand grinder", "equipment"),
-    ("Burr grinder", "equipment"),
-    ("Dripper", "equipment"),
-    ("Scale", "equipment"),
-    ("Paper filters", "supplies"),
-    ("Descaler", "supplies"),
-    ("Cleaning tablets", "supplies"),
-    ("Mug", "accessories"),
-    ("Tamper", "accessories"),
-    ("Storage jar", "accessories"),
-    ("Brush", "accessories"),
-];
-const VARIANTS: &[&str] = &[
-    "250g", "500g", "1kg", "small", "large", "classic", "pro", "travel",
-];
-const QUANTITIES: &[i64] = &[1, 1, 1, 1, 2, 2, 2, 3, 4, 5];
 const MIDDLE: &[u8] = b"ABCDEFGHJKLMNPRSTW";
 
 /// Customers and products of the snapshot.
@@ -432,8 +351,8 @@ impl Generator {
 
     fn new_customer_row(&mut self) -> CustomerRow {
         CustomerRow {
-            first: self.rng.u8(0..FIRST.len() as u8),
-            last: self.rng.u8(0..LAST.len() as u8),
+            first: self.rng.u8(0..FIRST_NAMES.len() as u8),
+            last: self.rng.u8(0..LAST_NAMES.len() as u8),
             middle: None,
             created_at_us: self.clock_us,
         }
@@ -580,7 +499,7 @@ impl Generator {
             let item = ItemRow {
                 order_id,
                 product_id,
-                quantity: QUANTITIES[self.rng.usize(0..QUANTITIES.len())],
+                quantity: QUANTITIES[self.rng.usize(0..QUANTITIES.len())].into(),
                 unit_price_cents: price,
             };
             items.push((self.next_item, item));
@@ -735,7 +654,7 @@ impl Generator {
         let order = self.orders[&order_id].clone();
         let item_id = order.lines[self.rng.usize(0..order.lines.len())];
         let item = self.items[&item_id];
-        let quantity = QUANTITIES[self.rng.usize(0..QUANTITIES.len())];
+        let quantity = i64::from(QUANTITIES[self.rng.usize(0..QUANTITIES.len())]);
         if quantity == item.quantity {
             return;
         }
@@ -1069,14 +988,14 @@ fn write_image(out: &mut Vec<u8>, image: Option<Image>, schemas: Schemas) {
             push_fmt(out, format_args!("{{\"id\":{id},\"email\":"));
             push_fmt(out, format_args!("\"customer.{id}@example.test\""));
             out.extend_from_slice(b",\"full_name\":\"");
-            out.extend_from_slice(FIRST[c.first as usize].as_bytes());
+            out.extend_from_slice(FIRST_NAMES[c.first as usize].as_bytes());
             if let Some(m) = c.middle {
                 out.push(b' ');
                 out.push(MIDDLE[m as usize]);
                 out.push(b'.');
             }
             out.push(b' ');
-            out.extend_from_slice(LAST[c.last as usize].as_bytes());
+            out.extend_from_slice(LAST_NAMES[c.last as usize].as_bytes());
             out.extend_from_slice(b"\",\"created_at\":");
             write_timestamp(out, c.created_at_us);
             out.push(b'}');
