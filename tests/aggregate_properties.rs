@@ -2,12 +2,17 @@
 //! - the deltas add up to the GROUP BY over the final table state;
 //! - replaying any prefix of the events again changes nothing;
 //! - a restart from flushed rows plus a replay from any earlier commit point
-//!   ends in the same totals (what the pipeline does after a crash).
+//!   ends in the same totals (what the pipeline does after a crash);
+//! - a flush whose rows are written while more events are applied, then a
+//!   later flush, store exactly the totals (the aggregator's non-blocking
+//!   flush: rows changed meanwhile must stay dirty).
 
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{TimeZone, Utc};
-use etl::aggregate::{AggregateState, OrderTotals, OrdersByMinute, ProductSales, SalesTotals};
+use etl::aggregate::{
+    AggregateState, OrderTotals, OrdersByMinute, ProductSales, SalesTotals, StoredRow,
+};
 use etl::cdc::{Change, Minute, Op, Order, OrderItem, TableChange};
 use proptest::prelude::*;
 use rust_decimal::Decimal;
@@ -200,6 +205,47 @@ proptest! {
         restarted.load(stored);
         apply_all(&mut restarted, &events[committed..]);
         prop_assert_eq!(restarted.totals(), group_by(&table));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn rows_changed_during_a_flush_are_written_by_the_next(
+        steps in proptest::collection::vec(step(), 1..80),
+        taken in any::<prop::sample::Index>(),
+        written in any::<prop::sample::Index>(),
+    ) {
+        let (events, table) = history(&steps);
+        let taken = taken.index(events.len() + 1);
+        let written = taken + written.index(events.len() - taken + 1);
+        let mut state = AggregateState::<OrdersByMinute>::default();
+        // ClickHouse's ReplacingMergeTree(source_offset): per (key, partition)
+        // the row with the highest offset.
+        let mut store = HashMap::new();
+        let mut write = |rows: &[StoredRow<(Minute, String), OrderTotals>]| {
+            for row in rows {
+                let kept = store.entry((row.key.clone(), row.partition)).or_insert_with(|| row.clone());
+                if row.offset >= kept.offset {
+                    *kept = row.clone();
+                }
+            }
+        };
+        apply_all(&mut state, &events[..taken]);
+        let first = state.dirty_rows();
+        // Applied while the first flush is being written.
+        apply_all(&mut state, &events[taken..written]);
+        write(&first);
+        state.mark_flushed(&first);
+        apply_all(&mut state, &events[written..]);
+        let second = state.dirty_rows();
+        write(&second);
+        state.mark_flushed(&second);
+        prop_assert!(state.dirty_rows().is_empty());
+        let mut reloaded = AggregateState::<OrdersByMinute>::default();
+        reloaded.load(store.into_values());
+        prop_assert_eq!(reloaded.totals(), group_by(&table));
     }
 }
 

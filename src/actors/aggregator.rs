@@ -86,6 +86,9 @@ pub struct AggregatorActor<A: SinkTable> {
     batches_since_flush: Vec<SpanContext>,
     /// The flush being written, if any (at most one at a time).
     in_flight: Option<InFlight<A>>,
+    /// A spawned `Settled` is pending: it finishes whichever flush is in
+    /// flight when it ends, so one is enough.
+    watching: bool,
 }
 
 type Rows<A> = Arc<
@@ -133,6 +136,7 @@ impl<A: SinkTable> AggregatorActor<A> {
             panics: PanicInjector::new(faults, ActorKind::Aggregator),
             batches_since_flush: Vec::new(),
             in_flight: None,
+            watching: false,
         }
     }
 
@@ -185,7 +189,10 @@ impl<A: SinkTable> AggregatorActor<A> {
             marks,
             outcome,
         });
-        ctx.spawn(Settled);
+        if !self.watching {
+            self.watching = true;
+            ctx.spawn(Settled.map(|(), act: &mut Self, _| act.watching = false));
+        }
     }
 
     /// The in-flight flush ended: on success its rows are clean (unless

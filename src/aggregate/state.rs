@@ -118,11 +118,12 @@ impl<A: Aggregate> AggregateState<A> {
             .collect()
     }
 
-    /// Marks rows as written, unless an event changed them since.
+    /// Marks rows as written, unless an event changed them since (their
+    /// offset moved, or, with the offset guard off, only their value).
     pub fn mark_flushed(&mut self, rows: &[StoredRow<A::Key, A::Value>]) {
         for row in rows {
             if let Some(e) = self.entries.get_mut(&(row.key.clone(), row.partition)) {
-                if e.offset == row.offset {
+                if e.offset == row.offset && e.value == row.value {
                     e.dirty = false;
                 }
             }

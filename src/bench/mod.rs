@@ -68,7 +68,7 @@ pub fn print_verdicts(verdicts: &[Verdict]) {
 #[derive(Debug, Clone, clap::Args)]
 pub struct AllArgs {
     /// Every bench at a small size: checks that they run and agree with
-    /// ClickHouse, in about two minutes; its figures are not measurements.
+    /// ClickHouse, in about half a minute; its figures are not measurements.
     #[arg(long)]
     pub smoke: bool,
 }
