@@ -431,18 +431,13 @@ impl Generator {
         if after.middle == before.middle {
             return;
         }
-        self.begin();
-        let lsn = self.next_lsn();
-        let value = self.envelope(
+        self.emit_update(
             Table::Customers,
-            Op::Update,
-            Some(Image::Customer(id, &before)),
-            Some(Image::Customer(id, &after)),
-            "false",
-            lsn,
+            id,
+            Image::Customer(id, &before),
+            Image::Customer(id, &after),
         );
         self.customers[id as usize - 1] = after;
-        self.push(Table::Customers, id, Op::Update, value);
     }
 
     /// The product the next line sells: each of `1..=keys` once first, then
@@ -587,17 +582,12 @@ impl Generator {
     }
 
     fn update_order(&mut self, order_id: i64, before: &OrderRow, after: OrderRow) {
-        self.begin();
-        let lsn = self.next_lsn();
-        let value = self.envelope(
+        self.emit_update(
             Table::Orders,
-            Op::Update,
-            Some(Image::Order(order_id, before)),
-            Some(Image::Order(order_id, &after)),
-            "false",
-            lsn,
+            order_id,
+            Image::Order(order_id, before),
+            Image::Order(order_id, &after),
         );
-        self.push(Table::Orders, order_id, Op::Update, value);
         self.orders.insert(order_id, after);
     }
 
@@ -618,18 +608,13 @@ impl Generator {
         if after.price_cents == before.price_cents {
             return;
         }
-        self.begin();
-        let lsn = self.next_lsn();
-        let value = self.envelope(
+        self.emit_update(
             Table::Products,
-            Op::Update,
-            Some(Image::Product(id, &before)),
-            Some(Image::Product(id, &after)),
-            "false",
-            lsn,
+            id,
+            Image::Product(id, &before),
+            Image::Product(id, &after),
         );
         self.products[id as usize] = Some(after);
-        self.push(Table::Products, id, Op::Update, value);
     }
 
     /// A pending order picked at random, forgetting the ones that moved on.
@@ -659,17 +644,12 @@ impl Generator {
             return;
         }
         let edited = ItemRow { quantity, ..item };
-        self.begin();
-        let lsn = self.next_lsn();
-        let value = self.envelope(
+        self.emit_update(
             Table::OrderItems,
-            Op::Update,
-            Some(Image::Item(item_id, &item)),
-            Some(Image::Item(item_id, &edited)),
-            "false",
-            lsn,
+            item_id,
+            Image::Item(item_id, &item),
+            Image::Item(item_id, &edited),
         );
-        self.push(Table::OrderItems, item_id, Op::Update, value);
         self.items.insert(item_id, edited);
         let mut after = order.clone();
         after.total_cents += (quantity - item.quantity) * item.unit_price_cents;
@@ -777,6 +757,14 @@ impl Generator {
             value: None,
             op: None,
         }
+    }
+
+    /// One changed row in a transaction of its own: an update event.
+    fn emit_update(&mut self, table: Table, id: i64, before: Image, after: Image) {
+        self.begin();
+        let lsn = self.next_lsn();
+        let value = self.envelope(table, Op::Update, Some(before), Some(after), "false", lsn);
+        self.push(table, id, Op::Update, value);
     }
 
     fn push(&mut self, table: Table, id: i64, op: Op, value: Vec<u8>) {
