@@ -5,13 +5,10 @@
 
 mod common;
 
-use std::str::FromStr;
-
 use etl::reconcile::{
     CLICKHOUSE_CUSTOMERS_BY_MINUTE, CLICKHOUSE_ORDERS_BY_MINUTE, CLICKHOUSE_PRODUCTS,
     CLICKHOUSE_PRODUCT_SALES,
 };
-use rust_decimal::Decimal;
 
 /// Rows of every table, with what the sink does to them: several partitions,
 /// a row rewritten with a higher offset, an older row written again after it
@@ -47,18 +44,8 @@ const EXPECTED: [&str; 4] = [
 /// Sorted lines, each number written the same way ("21.50" and "21.5"
 /// differ only in how a server version prints decimals).
 fn normalise(tsv: &str) -> String {
-    let mut lines: Vec<String> = tsv
-        .lines()
-        .map(|line| {
-            line.split('\t')
-                .map(|cell| match Decimal::from_str(cell) {
-                    Ok(d) => d.normalize().to_string(),
-                    Err(_) => cell.to_owned(),
-                })
-                .collect::<Vec<_>>()
-                .join("\t")
-        })
-        .collect();
+    let numbers = common::normalise_numbers(tsv);
+    let mut lines: Vec<&str> = numbers.lines().collect();
     lines.sort();
     lines.join("\n")
 }

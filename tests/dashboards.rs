@@ -582,23 +582,6 @@ fn fixture_expected(panel: &str) -> &'static str {
         .1
 }
 
-/// TSV with every number written the same way ("10", "10.00" and "10.0"
-/// differ only in how a server version prints them).
-fn normalise_numbers(tsv: &str) -> String {
-    tsv.lines()
-        .map(|line| {
-            line.split('\t')
-                .map(|cell| match Decimal::from_str(cell) {
-                    Ok(d) => d.normalize().to_string(),
-                    Err(_) => cell.to_owned(),
-                })
-                .collect::<Vec<_>>()
-                .join("\t")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Runs `statements`, then each query, on chdb (a current ClickHouse in
 /// process); Ok(TSV) or Err(message) per query, and the server version.
 /// The project venv's python (scripts/install makes it, with chdb).
@@ -646,8 +629,8 @@ fn store_live_queries_run_on_a_current_clickhouse() {
         match result {
             Err(e) => failures.push(format!("{}: {e}\n{sql}", target.panel)),
             Ok(tsv) => {
-                let got = normalise_numbers(tsv.trim_end());
-                let want = normalise_numbers(fixture_expected(&target.panel));
+                let got = common::normalise_numbers(tsv.trim_end());
+                let want = common::normalise_numbers(fixture_expected(&target.panel));
                 if got != want {
                     failures.push(format!("{}: got\n{got}\nwant\n{want}\n{sql}", target.panel));
                 }
@@ -695,8 +678,8 @@ async fn store_live_queries_give_the_same_rows_on_the_debian_server() {
         match clickhouse_tsv(&sink, &sql).await {
             Err(e) => failures.push(format!("{}: {e}\n{sql}", target.panel)),
             Ok(tsv) => {
-                let got = normalise_numbers(tsv.trim_end());
-                let want = normalise_numbers(fixture_expected(&target.panel));
+                let got = common::normalise_numbers(tsv.trim_end());
+                let want = common::normalise_numbers(fixture_expected(&target.panel));
                 if got != want {
                     failures.push(format!("{}: got\n{got}\nwant\n{want}\n{sql}", target.panel));
                 }

@@ -156,3 +156,20 @@ pub fn chdb(python: &std::path::Path, statements: &[String], queries: &[String])
         results,
     }
 }
+
+/// TSV with every number written the same way ("10", "10.00" and "10.0"
+/// differ only in how a server version prints them).
+pub fn normalise_numbers(tsv: &str) -> String {
+    tsv.lines()
+        .map(|line| {
+            line.split('\t')
+                .map(|cell| match cell.parse::<rust_decimal::Decimal>() {
+                    Ok(d) => d.normalize().to_string(),
+                    Err(_) => cell.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join("\t")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
