@@ -80,6 +80,32 @@ async fn server_now(pg: &tokio_postgres::Client) -> String {
         .get(0)
 }
 
+/// What a stack test starts from: the stack to itself among these tests,
+/// Postgres, the server's clock before loadgen runs, and a fresh seed.
+struct StackRun {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+    url: String,
+    pg: tokio_postgres::Client,
+    since: String,
+    seed: String,
+}
+
+impl StackRun {
+    async fn start() -> StackRun {
+        let _serial = SERIAL.lock().await;
+        let url = common::Stack::load().get("ETL_POSTGRES_URL").to_owned();
+        let pg = postgres(&url).await;
+        let since = server_now(&pg).await;
+        StackRun {
+            _serial,
+            url,
+            pg,
+            since,
+            seed: seed().to_string(),
+        }
+    }
+}
+
 /// Checks the rows loadgen's customers got since `since` against what the
 /// run reported, and the consistency of every order loadgen ever wrote.
 async fn check_rows(pg: &tokio_postgres::Client, since: &str, s: &HashMap<String, String>) {
@@ -162,12 +188,14 @@ async fn check_rows(pg: &tokio_postgres::Client, since: &str, s: &HashMap<String
 #[tokio::test]
 #[ignore = "needs the real stack: run scripts/test"]
 async fn writes_what_it_reports_at_the_target_rate() {
-    let _serial = SERIAL.lock().await;
-    let stack = common::Stack::load();
-    let url = stack.get("ETL_POSTGRES_URL");
-    let pg = postgres(url).await;
-    let since = server_now(&pg).await;
-    let seed = seed().to_string();
+    let StackRun {
+        _serial,
+        url,
+        pg,
+        since,
+        seed,
+    } = StackRun::start().await;
+    let url = url.as_str();
     eprintln!("seed {seed}");
 
     let started = Instant::now();
@@ -205,12 +233,14 @@ async fn writes_what_it_reports_at_the_target_rate() {
 #[tokio::test]
 #[ignore = "needs the real stack: run scripts/test"]
 async fn sigterm_stops_after_the_current_transaction() {
-    let _serial = SERIAL.lock().await;
-    let stack = common::Stack::load();
-    let url = stack.get("ETL_POSTGRES_URL");
-    let pg = postgres(url).await;
-    let since = server_now(&pg).await;
-    let seed = seed().to_string();
+    let StackRun {
+        _serial,
+        url,
+        pg,
+        since,
+        seed,
+    } = StackRun::start().await;
+    let url = url.as_str();
 
     let child = loadgen(&["--rate", "100", "--seed", &seed], Some(url))
         .spawn()
@@ -237,12 +267,14 @@ async fn sigterm_stops_after_the_current_transaction() {
 #[tokio::test]
 #[ignore = "needs the real stack: run scripts/test"]
 async fn a_lost_connection_is_re_established() {
-    let _serial = SERIAL.lock().await;
-    let stack = common::Stack::load();
-    let url = stack.get("ETL_POSTGRES_URL");
-    let pg = postgres(url).await;
-    let since = server_now(&pg).await;
-    let seed = seed().to_string();
+    let StackRun {
+        _serial,
+        url,
+        pg,
+        since,
+        seed,
+    } = StackRun::start().await;
+    let url = url.as_str();
 
     let child = loadgen(
         &["--rate", "40", "--duration", "6", "--seed", &seed],
