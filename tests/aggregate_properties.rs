@@ -5,7 +5,8 @@
 //!   ends in the same totals (what the pipeline does after a crash);
 //! - a flush whose rows are written while more events are applied, then a
 //!   later flush, store exactly the totals (the aggregator's non-blocking
-//!   flush: rows changed meanwhile must stay dirty).
+//!   flush: rows changed meanwhile must stay dirty);
+//! - releasing some partitions leaves exactly the state of the others.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -292,4 +293,30 @@ fn item_edits_move_units_and_revenue_between_products() {
             lines: 1
         }
     );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 100, ..ProptestConfig::default() })]
+
+    #[test]
+    fn releasing_partitions_keeps_exactly_the_others(
+        steps in proptest::collection::vec(step(), 1..80),
+        released in proptest::collection::vec(0..PARTITIONS as i32, 0..4),
+    ) {
+        let (events, _) = history(&steps);
+        let mut state = AggregateState::<OrdersByMinute>::default();
+        apply_all(&mut state, &events);
+        state.release(&released);
+        let kept: Vec<Event> = events
+            .iter()
+            .filter(|(p, _, _)| !released.contains(p))
+            .cloned()
+            .collect();
+        let mut expected = AggregateState::<OrdersByMinute>::default();
+        apply_all(&mut expected, &kept);
+        prop_assert_eq!(state.totals(), expected.totals());
+        for p in 0..PARTITIONS as i32 {
+            prop_assert_eq!(state.watermark(p), expected.watermark(p), "partition {}", p);
+        }
+    }
 }

@@ -253,10 +253,12 @@ impl<A: SinkTable> AggregatorActor<A> {
         }
     }
 
-    fn forget(&mut self, partition: i32) {
-        self.state.release(partition);
-        self.committed.remove(&partition);
-        self.leases.remove(&partition);
+    fn forget(&mut self, partitions: &[i32]) {
+        self.state.release(partitions);
+        for partition in partitions {
+            self.committed.remove(partition);
+            self.leases.remove(partition);
+        }
     }
 }
 
@@ -354,9 +356,7 @@ impl<A: SinkTable> Handler<Acquire> for AggregatorActor<A> {
         AtomicResponse::new(Box::pin(
             Settled
                 .then(|(), act: &mut Self, _| {
-                    for &partition in &partitions {
-                        act.forget(partition);
-                    }
+                    act.forget(&partitions);
                     let sink = act.sink.clone();
                     async move {
                         let rows = sink.load_partitions::<A>(&partitions).await;
@@ -435,7 +435,7 @@ impl<A: SinkTable> Handler<Release> for AggregatorActor<A> {
                             None
                         }
                     };
-                    act.forget(partition);
+                    act.forget(&[partition]);
                     next
                 }),
         ))

@@ -145,10 +145,16 @@ impl<A: Aggregate> AggregateState<A> {
         }
     }
 
-    /// Forgets a partition this process no longer owns.
-    pub fn release(&mut self, partition: Partition) {
-        self.entries.retain(|(_, p), _| *p != partition);
-        self.watermarks.remove(&partition);
+    /// Forgets partitions this process no longer owns (or is about to
+    /// reload), in one pass over the entries however many they are.
+    pub fn release(&mut self, partitions: &[Partition]) {
+        let mut gone = partitions.to_vec();
+        gone.sort_unstable();
+        self.entries
+            .retain(|(_, p), _| gone.binary_search(p).is_err());
+        for partition in partitions {
+            self.watermarks.remove(partition);
+        }
     }
 
     /// Each key's value summed over partitions, leaving out empty ones.
