@@ -359,7 +359,13 @@ impl<A: SinkTable> Handler<Acquire> for AggregatorActor<A> {
                     act.forget(&partitions);
                     let sink = act.sink.clone();
                     async move {
-                        let rows = sink.load_partitions::<A>(&partitions).await;
+                        // A dimension that keeps no written rows has nothing
+                        // to load: replays are settled by the sink's offsets.
+                        let rows = if A::KEEPS_STORED_ROWS {
+                            sink.load_partitions::<A>(&partitions).await
+                        } else {
+                            Ok(Vec::new())
+                        };
                         (partitions, rows)
                     }
                     .into_actor(act)

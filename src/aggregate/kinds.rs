@@ -121,6 +121,7 @@ impl Aggregate for Products {
     const SOURCE: Table = Table::Products;
     type Key = i64;
     type Value = ProductInfo;
+    const KEEPS_STORED_ROWS: bool = false;
 
     fn updates(change: &TableChange) -> Updates<Self::Key, Self::Value> {
         let TableChange::Product(c) = change else {

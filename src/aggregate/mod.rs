@@ -52,6 +52,12 @@ pub trait Aggregate: Unpin + 'static {
     const SOURCE: Table;
     type Key: Clone + Eq + Hash + Ord + Debug + Send + Sync + Unpin + 'static;
     type Value: Measure;
+    /// Whether a row stays in memory once it is written. A sum's must: the
+    /// next delta is added to it, and its offset guards against replays. A
+    /// dimension whose every update replaces the value need not: the sink
+    /// keeps the row with the highest offset, so a replayed older row loses
+    /// there, and memory holds only rows not yet written.
+    const KEEPS_STORED_ROWS: bool = true;
 
     /// The updates one change of `SOURCE` makes; none for other tables.
     fn updates(change: &TableChange) -> Updates<Self::Key, Self::Value>;

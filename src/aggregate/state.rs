@@ -27,20 +27,39 @@ pub struct StoredRow<K, V> {
 /// few times cheaper on these small keys; it is on the path of every event).
 type Hasher = foldhash::fast::RandomState;
 
+/// Rows a partition's map may have room for beyond its live rows without
+/// being shrunk: below this, giving memory back is not worth regrowing.
+const SMALL_MAP: usize = 1024;
+
+/// What this state holds of one source partition. Kept apart per partition
+/// so that giving a partition up drops its map instead of scanning every
+/// key, and so that a row does not carry its partition number.
+struct PartitionState<K, V> {
+    rows: HashMap<K, Entry<V>, Hasher>,
+    /// The highest offset handed to this state (applied, skipped, or without
+    /// effect): what a flush makes safe to commit. None until an event came.
+    watermark: Option<Offset>,
+}
+
+impl<K, V> Default for PartitionState<K, V> {
+    fn default() -> Self {
+        PartitionState {
+            rows: HashMap::default(),
+            watermark: None,
+        }
+    }
+}
+
 /// The running state of one aggregate over the partitions this process owns.
 pub struct AggregateState<A: Aggregate> {
-    entries: HashMap<(A::Key, Partition), Entry<A::Value>, Hasher>,
-    /// Per partition, the highest offset handed to this state (applied,
-    /// skipped, or without effect): what a flush makes safe to commit.
-    watermarks: HashMap<Partition, Offset, Hasher>,
+    partitions: HashMap<Partition, PartitionState<A::Key, A::Value>, Hasher>,
     offset_guard: bool,
 }
 
 impl<A: Aggregate> Default for AggregateState<A> {
     fn default() -> Self {
         AggregateState {
-            entries: HashMap::default(),
-            watermarks: HashMap::default(),
+            partitions: HashMap::default(),
             offset_guard: true,
         }
     }
@@ -65,18 +84,16 @@ impl<A: Aggregate> AggregateState<A> {
     /// Applies the change at `offset` of `partition` to every key it touches
     /// whose stored offset is below `offset`.
     pub fn apply(&mut self, partition: Partition, offset: Offset, change: &TableChange) -> Applied {
-        self.observe(partition, offset);
+        let offset_guard = self.offset_guard;
+        let state = self.observed(partition, offset);
         let mut applied = Applied::default();
         for (key, update) in A::updates(change) {
-            let entry = self
-                .entries
-                .entry((key, partition))
-                .or_insert_with(|| Entry {
-                    value: A::Value::default(),
-                    offset: -1,
-                    dirty: false,
-                });
-            if offset <= entry.offset && self.offset_guard {
+            let entry = state.rows.entry(key).or_insert_with(|| Entry {
+                value: A::Value::default(),
+                offset: -1,
+                dirty: false,
+            });
+            if offset <= entry.offset && offset_guard {
                 applied.keys_skipped += 1;
                 continue;
             }
@@ -91,40 +108,79 @@ impl<A: Aggregate> AggregateState<A> {
     /// Records that the event at `offset` was handed over, even if it had no
     /// effect here (a tombstone, say), so the commit can move past it.
     pub fn observe(&mut self, partition: Partition, offset: Offset) {
-        let w = self.watermarks.entry(partition).or_insert(-1);
-        *w = (*w).max(offset);
+        self.observed(partition, offset);
+    }
+
+    fn observed(
+        &mut self,
+        partition: Partition,
+        offset: Offset,
+    ) -> &mut PartitionState<A::Key, A::Value> {
+        let state = self.partitions.entry(partition).or_default();
+        state.watermark = Some(state.watermark.map_or(offset, |w| w.max(offset)));
+        state
     }
 
     /// The highest offset of `partition` handed to this state.
     pub fn watermark(&self, partition: Partition) -> Option<Offset> {
-        self.watermarks.get(&partition).copied()
+        self.partitions.get(&partition)?.watermark
     }
 
     pub fn watermarks(&self) -> impl Iterator<Item = (Partition, Offset)> + '_ {
-        self.watermarks.iter().map(|(p, o)| (*p, *o))
+        self.partitions
+            .iter()
+            .filter_map(|(p, state)| Some((*p, state.watermark?)))
     }
 
     /// The rows changed since the last flush.
     pub fn dirty_rows(&self) -> Vec<StoredRow<A::Key, A::Value>> {
-        self.entries
+        self.partitions
             .iter()
-            .filter(|(_, e)| e.dirty)
-            .map(|((key, partition), e)| StoredRow {
-                key: key.clone(),
-                partition: *partition,
-                value: e.value.clone(),
-                offset: e.offset,
+            .flat_map(|(partition, state)| {
+                state
+                    .rows
+                    .iter()
+                    .filter(|(_, e)| e.dirty)
+                    .map(|(key, e)| StoredRow {
+                        key: key.clone(),
+                        partition: *partition,
+                        value: e.value.clone(),
+                        offset: e.offset,
+                    })
             })
             .collect()
     }
 
     /// Marks rows as written, unless an event changed them since (their
-    /// offset moved, or, with the offset guard off, only their value).
+    /// offset moved, or, with the offset guard off, only their value). An
+    /// aggregate that need not keep written rows (`A::KEEPS_STORED_ROWS`)
+    /// forgets them instead.
     pub fn mark_flushed(&mut self, rows: &[StoredRow<A::Key, A::Value>]) {
         for row in rows {
-            if let Some(e) = self.entries.get_mut(&(row.key.clone(), row.partition)) {
-                if e.offset == row.offset && e.value == row.value {
+            let Some(state) = self.partitions.get_mut(&row.partition) else {
+                continue;
+            };
+            let unchanged = state
+                .rows
+                .get(&row.key)
+                .is_some_and(|e| e.offset == row.offset && e.value == row.value);
+            if !unchanged {
+                continue;
+            }
+            if A::KEEPS_STORED_ROWS {
+                if let Some(e) = state.rows.get_mut(&row.key) {
                     e.dirty = false;
+                }
+            } else {
+                state.rows.remove(&row.key);
+            }
+        }
+        if !A::KEEPS_STORED_ROWS {
+            // A map keeps its capacity when rows leave: without this, a burst
+            // (a snapshot, a catch-up) would hold its peak for good.
+            for state in self.partitions.values_mut() {
+                if state.rows.capacity() > 4 * state.rows.len() + SMALL_MAP {
+                    state.rows.shrink_to_fit();
                 }
             }
         }
@@ -134,36 +190,87 @@ impl<A: Aggregate> AggregateState<A> {
     /// partition is assigned: the offset guard starts from their offsets.
     pub fn load(&mut self, rows: impl IntoIterator<Item = StoredRow<A::Key, A::Value>>) {
         for row in rows {
-            self.entries.insert(
-                (row.key, row.partition),
-                Entry {
-                    value: row.value,
-                    offset: row.offset,
-                    dirty: false,
-                },
-            );
+            self.partitions
+                .entry(row.partition)
+                .or_default()
+                .rows
+                .insert(
+                    row.key,
+                    Entry {
+                        value: row.value,
+                        offset: row.offset,
+                        dirty: false,
+                    },
+                );
         }
     }
 
     /// Forgets partitions this process no longer owns (or is about to
-    /// reload), in one pass over the entries however many they are.
+    /// reload).
     pub fn release(&mut self, partitions: &[Partition]) {
-        let mut gone = partitions.to_vec();
-        gone.sort_unstable();
-        self.entries
-            .retain(|(_, p), _| gone.binary_search(p).is_err());
         for partition in partitions {
-            self.watermarks.remove(partition);
+            self.partitions.remove(partition);
         }
+    }
+
+    /// The (key, partition) rows held.
+    pub fn len(&self) -> usize {
+        self.partitions.values().map(|s| s.rows.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.partitions.values().all(|s| s.rows.is_empty())
     }
 
     /// Each key's value summed over partitions, leaving out empty ones.
     pub fn totals(&self) -> BTreeMap<A::Key, A::Value> {
         let mut totals: BTreeMap<A::Key, A::Value> = BTreeMap::new();
-        for ((key, _), entry) in &self.entries {
-            totals.entry(key.clone()).or_default().merge(&entry.value);
+        for state in self.partitions.values() {
+            for (key, entry) in &state.rows {
+                totals.entry(key.clone()).or_default().merge(&entry.value);
+            }
         }
         totals.retain(|_, v| !v.is_empty());
         totals
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rust_decimal::Decimal;
+
+    use super::*;
+    use crate::aggregate::Products;
+    use crate::cdc::{Change, Op, Product};
+
+    fn created(id: i64) -> TableChange {
+        TableChange::Product(Change {
+            op: Op::Create,
+            before: None,
+            after: Some(Product {
+                id,
+                name: format!("product {id}"),
+                category: "toys".into(),
+                price: Decimal::new(1999, 2),
+            }),
+        })
+    }
+
+    #[test]
+    fn a_forgetting_aggregate_gives_back_the_room_a_burst_took() {
+        let mut state = AggregateState::<Products>::default();
+        for id in 0..20_000 {
+            state.apply(0, id, &created(id));
+        }
+        assert!(state.partitions[&0].rows.capacity() >= 20_000);
+
+        // Flushed while one more row arrived: that row stays, the room goes.
+        let rows = state.dirty_rows();
+        state.apply(0, 20_000, &created(20_000));
+        state.mark_flushed(&rows);
+
+        assert_eq!(state.len(), 1);
+        let capacity = state.partitions[&0].rows.capacity();
+        assert!(capacity <= SMALL_MAP, "capacity {capacity} after the flush");
     }
 }
