@@ -58,6 +58,9 @@ pub struct KafkaConfig {
     pub max_inflight_records: usize,
     /// Flushed offsets are committed at most this often (0: after every flush).
     pub commit_interval: Duration,
+    /// librdkafka's pre-fetch queue (`queued.max.messages.kbytes`): records
+    /// fetched ahead of the pipeline, a large part of the resident memory.
+    pub prefetch_kbytes: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -363,6 +366,7 @@ const KNOWN: &[&str] = &[
     "ETL_POSTGRES_URL",
     "ETL_LOG",
     "ETL_MAX_INFLIGHT_RECORDS",
+    "ETL_KAFKA_PREFETCH_KBYTES",
     "ETL_COMMIT_INTERVAL_MS",
     "ETL_DEAD_LETTER_TOPIC",
     "ETL_SHUTDOWN_TIMEOUT_MS",
@@ -418,6 +422,15 @@ fn at_least(min: usize) -> impl Fn(&usize) -> Result<(), String> {
     }
 }
 
+/// librdkafka's bounds for `queued.max.messages.kbytes`.
+fn prefetch_kbytes(kbytes: &u32) -> Result<(), String> {
+    if (1..=2_097_151).contains(kbytes) {
+        Ok(())
+    } else {
+        Err("must be between 1 and 2097151 (KiB)".into())
+    }
+}
+
 impl Config {
     pub fn from_process() -> Result<Config, ConfigError> {
         Config::from_settings(&Settings::from_process()?)
@@ -448,6 +461,7 @@ impl Config {
                 batch_max_records: s.parsed("ETL_BATCH_MAX_RECORDS", 5_000, at_least(1))?,
                 max_inflight_records: s.parsed("ETL_MAX_INFLIGHT_RECORDS", 20_000, at_least(1))?,
                 commit_interval: s.millis("ETL_COMMIT_INTERVAL_MS", 0, 0, 60_000)?,
+                prefetch_kbytes: s.parsed("ETL_KAFKA_PREFETCH_KBYTES", 16_384, prefetch_kbytes)?,
             },
             clickhouse: ClickHouseConfig {
                 url: s.url(

@@ -223,6 +223,10 @@ pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
         // pipeline drains it; librdkafka then stops fetching for this long
         // (1 s by default), and the pipeline idles once it has drained it.
         .set("fetch.queue.backoff.ms", "20")
+        .set(
+            "queued.max.messages.kbytes",
+            config.prefetch_kbytes.to_string(),
+        )
         // The subscription is a pattern: topics Debezium creates after
         // start-up are picked up within seconds, not librdkafka's 5 minutes.
         .set("topic.metadata.refresh.interval.ms", "5000")
