@@ -186,20 +186,26 @@ pub fn run(args: MemoryArgs, config: &Config) -> anyhow::Result<Vec<Verdict>> {
     // ClickHouse goes away; as many events again arrive for the same keys.
     relay.cut();
     let outage_started = Instant::now();
-    let second = produce_with(
-        &broker.bootstrap,
-        &Spec {
+    let producer = {
+        let bootstrap = broker.bootstrap.clone();
+        let spec = Spec {
             seed: 2,
             ..spec.clone()
-        },
-        Compression::Lz4,
-    )?;
+        };
+        std::thread::spawn(move || produce_with(&bootstrap, &spec, Compression::Lz4))
+    };
+    // Sampled while the events arrive, and for the whole outage.
     let mut samples = Vec::new();
-    while outage_started.elapsed() < Duration::from_secs(args.outage_secs) {
+    while !producer.is_finished()
+        || outage_started.elapsed() < Duration::from_secs(args.outage_secs)
+    {
         alive()?;
         samples.push(rss(pid)?.0);
         std::thread::sleep(Duration::from_secs(1));
     }
+    let second = producer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
     relay.restore();
     let restored = Instant::now();
     let both = merged(&first, &second);
