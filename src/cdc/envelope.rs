@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::fast;
-use super::field::{ColumnSchema, Row, SchemaNode};
+use super::field::{row_schema, ColumnSchema, Row};
 use super::tables::SourceRow;
 use super::{Change, DecodeError, DecodeErrorKind, Op, Table, TableChange};
 use crate::telemetry;
@@ -172,9 +172,7 @@ fn decode_with_serde(table: Table, bytes: &[u8]) -> Result<Event, DecodeError> {
         None => return Ok(event(Decoded::Truncate)),
     };
     let columns: Vec<ColumnSchema> = match schema {
-        Some(raw) => serde_json::from_str::<SchemaNode>(raw.get())
-            .map_err(|e| malformed(format!("schema: {e}")))?
-            .row_columns()?,
+        Some(raw) => row_schema(raw.get())?,
         None => Vec::new(),
     };
     let schema = schema.map(|_| columns.as_slice());
