@@ -33,6 +33,17 @@ pub(crate) struct ColumnSchema<'a> {
     pub scale: Option<u32>,
 }
 
+impl ColumnSchema<'_> {
+    /// The same, owning its text (to outlive the message it came from).
+    pub fn into_owned(self) -> ColumnSchema<'static> {
+        ColumnSchema {
+            column: Cow::Owned(self.column.into_owned()),
+            logical: self.logical.map(|l| Cow::Owned(l.into_owned())),
+            scale: self.scale,
+        }
+    }
+}
+
 /// The columns of a message's row, from the text of its Connect schema.
 pub(crate) fn row_schema(text: &str) -> Result<Vec<ColumnSchema<'_>>, DecodeError> {
     serde_json::from_str::<SchemaNode>(text)
