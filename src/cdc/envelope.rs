@@ -4,9 +4,9 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::fast;
-use super::field::{ColumnSchema, Row, SchemaNode};
+use super::field::{row_schema, ColumnSchema, Row};
 use super::tables::SourceRow;
+use super::{fast, schemas};
 use super::{Change, DecodeError, DecodeErrorKind, Op, Table, TableChange};
 use crate::telemetry;
 
@@ -95,22 +95,41 @@ pub fn decode_event(table: Table, value: Option<&[u8]>) -> Result<Event, DecodeE
         Some(b) if b.trim_ascii() == b"null" => return Ok(tombstone),
         Some(b) => b,
     };
-    // The usual message in one pass; anything unusual the serde way below,
-    // which gives the same result (see `fast`).
-    if let Some(envelope) = std::str::from_utf8(bytes).ok().and_then(fast::scan) {
-        let event = |decoded| Event {
-            decoded,
-            committed_at_ms: envelope.ts_ms,
-        };
-        let op = match parse_op(Some(envelope.op))? {
-            Some(op) => op,
-            None => return Ok(event(Decoded::Truncate)),
-        };
-        let before = envelope.before.map(Image::Columns);
-        let after = envelope.after.map(Image::Columns);
-        return changes(table, op, before, after, None).map(|c| event(Decoded::Change(c)));
+    // The usual message in one pass; anything unusual the serde way, which
+    // gives the same result (see `fast`).
+    let scanned = std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|text| schemas::with(|cache| fast::scan(text, |rest| cache.find(rest))));
+    match scanned {
+        Some(fast::Message::Envelope(envelope, schema)) => decode_scanned(table, envelope, schema),
+        Some(fast::Message::Tombstone) => Ok(tombstone),
+        None => decode_with_serde(table, bytes),
     }
-    decode_with_serde(table, bytes)
+}
+
+/// A message the scanner read, checked in the serde path's order (the op
+/// before the schema) so that both fail alike.
+fn decode_scanned(
+    table: Table,
+    envelope: fast::Envelope,
+    schema: fast::Schema<schemas::Columns>,
+) -> Result<Event, DecodeError> {
+    let event = |decoded| Event {
+        decoded,
+        committed_at_ms: envelope.ts_ms,
+    };
+    let op = match parse_op(Some(envelope.op))? {
+        Some(op) => op,
+        None => return Ok(event(Decoded::Truncate)),
+    };
+    let columns = match schema {
+        fast::Schema::Absent => None,
+        fast::Schema::Known(columns) => Some(columns),
+        fast::Schema::New(text) => Some(schemas::with(|cache| cache.parse(text))?),
+    };
+    let before = envelope.before.map(Image::Columns);
+    let after = envelope.after.map(Image::Columns);
+    changes(table, op, before, after, columns.as_deref()).map(|c| event(Decoded::Change(c)))
 }
 
 /// Debezium's op; None for a truncate.
@@ -171,10 +190,10 @@ fn decode_with_serde(table: Table, bytes: &[u8]) -> Result<Event, DecodeError> {
         Some(op) => op,
         None => return Ok(event(Decoded::Truncate)),
     };
+    // Parsed anew, not taken from the scanner's cache: this path is the
+    // reference the scanner's results are tested against.
     let columns: Vec<ColumnSchema> = match schema {
-        Some(raw) => serde_json::from_str::<SchemaNode>(raw.get())
-            .map_err(|e| malformed(format!("schema: {e}")))?
-            .row_columns()?,
+        Some(raw) => row_schema(raw.get())?,
         None => Vec::new(),
     };
     let schema = schema.map(|_| columns.as_slice());
@@ -318,12 +337,38 @@ mod tests {
         assert_eq!(err.kind, DecodeErrorKind::MissingBefore);
     }
 
+    /// Whether the scanner reads `bytes` (rather than leaving them to serde).
+    fn scans(bytes: &[u8]) -> bool {
+        let text = std::str::from_utf8(bytes).unwrap();
+        fast::scan(text, |_| None::<(usize, ())>).is_some()
+    }
+
+    /// The text of a message's schema object, if it has one.
+    fn schema_text(bytes: &[u8]) -> Option<String> {
+        let message: Message = serde_json::from_slice(bytes).ok()?;
+        let text = message.schema?.get();
+        text.starts_with('{').then(|| text.to_owned())
+    }
+
+    /// This thread's cached schema texts, most recently used first.
+    fn cached() -> Vec<String> {
+        schemas::with(|cache| cache.texts().into_iter().map(str::to_owned).collect())
+    }
+
+    fn empty_cache() {
+        schemas::with(|cache| *cache = schemas::Cache::default());
+    }
+
     /// The scanner's answers are the serde path's, to the error text: on
     /// the captured connector output and on synthetic messages, as they are
-    /// and with random damage.
+    /// and with random damage. Undamaged, the scanner reads every one in the
+    /// connector's key order, schemas on too, with its schema found in the
+    /// cache or parsed into it.
     #[test]
     fn the_scanner_agrees_with_the_serde_path() {
-        let mut messages: Vec<(Table, Vec<u8>)> = Vec::new();
+        empty_cache();
+        // (table, value, whether the scanner reads it undamaged)
+        let mut messages: Vec<(Table, Vec<u8>, bool)> = Vec::new();
         for name in [
             "schemas_off_string.jsonl",
             "schemas_off_double.jsonl",
@@ -332,24 +377,39 @@ mod tests {
         ] {
             let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
             for line in std::fs::read_to_string(path).unwrap().lines() {
-                let record: serde_json::Value = serde_json::from_str(line).unwrap();
-                let table =
-                    Table::from_topic(record["topic"].as_str().unwrap(), "online_store").unwrap();
-                if !record["value"].is_null() {
-                    messages.push((table, serde_json::to_vec(&record["value"]).unwrap()));
-                    // Pretty-printed too: whitespace everywhere.
-                    messages.push((table, serde_json::to_vec_pretty(&record["value"]).unwrap()));
+                #[derive(Deserialize)]
+                struct Record<'a> {
+                    topic: &'a str,
+                    #[serde(borrow)]
+                    value: &'a RawValue,
+                }
+                let record: Record = serde_json::from_str(line).unwrap();
+                let table = Table::from_topic(record.topic, "online_store").unwrap();
+                let value: serde_json::Value = serde_json::from_str(record.value.get()).unwrap();
+                if !value.is_null() {
+                    // As captured (spaces after `:` and `,`)...
+                    messages.push((table, record.value.get().as_bytes().to_vec(), true));
+                    // ...and rewritten compact and pretty-printed (whitespace
+                    // everywhere), with keys sorted: `payload` before
+                    // `schema`, which the scanner leaves to serde.
+                    let usual = value.get("schema").is_none();
+                    messages.push((table, serde_json::to_vec(&value).unwrap(), usual));
+                    messages.push((table, serde_json::to_vec_pretty(&value).unwrap(), usual));
                 }
             }
         }
-        let spec = crate::bench::synthetic::Spec {
-            events: 3_000,
-            keys: 50,
-            ..Default::default()
-        };
-        for m in crate::bench::synthetic::Generator::new(spec) {
-            if let Some(value) = m.value {
-                messages.push((m.table, value));
+        use crate::bench::synthetic::{Generator, Schemas, Spec};
+        for (schemas, events) in [(Schemas::Off, 3_000), (Schemas::On, 600)] {
+            let spec = Spec {
+                events,
+                keys: 50,
+                schemas,
+                ..Default::default()
+            };
+            for m in Generator::new(spec) {
+                if let Some(value) = m.value {
+                    messages.push((m.table, value, true));
+                }
             }
         }
         let same = |table: Table, bytes: &[u8]| {
@@ -361,8 +421,21 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(11);
         let noise = b"\"\\{}[],:0123456789-+.eEntfu \x01\xff\xc3";
         let (mut ok, mut failed) = (0, 0);
-        for (table, bytes) in &messages {
+        let (mut hits, mut misses) = (0, 0);
+        for (table, bytes, usual) in &messages {
+            assert_eq!(scans(bytes), *usual, "{}", String::from_utf8_lossy(bytes));
+            let schema = schema_text(bytes).filter(|_| *usual);
+            if let Some(schema) = &schema {
+                if cached().contains(schema) {
+                    hits += 1;
+                } else {
+                    misses += 1;
+                }
+            }
             assert!(same(*table, bytes));
+            if let Some(schema) = schema {
+                assert_eq!(cached()[0], schema);
+            }
             for _ in 0..30 {
                 let mut damaged = bytes.clone();
                 for _ in 0..rng.usize(1..3) {
@@ -382,8 +455,260 @@ mod tests {
                 }
             }
         }
-        // Both outcomes were exercised.
+        // Both outcomes were exercised, and both ways to a schema.
         assert!(ok > 1_000 && failed > 1_000, "{ok} {failed}");
+        assert!(hits > 100 && misses > 100, "{hits} {misses}");
+    }
+
+    /// An orders message whose schema gives `total_amount` a scale and
+    /// `created_at` a unit; the payload is the same whatever they are:
+    /// 3749 unscaled, 1706778010000 in that unit.
+    fn orders_message(scale: &str, timestamp: &str) -> (String, String) {
+        let schema = format!(
+            r#"{{"type":"struct","fields":[{{"type":"struct","optional":true,"field":"after","fields":[
+              {{"type":"int64","field":"id"}},{{"type":"string","field":"status"}},
+              {{"type":"bytes","name":"org.apache.kafka.connect.data.Decimal",
+               "parameters":{{"scale":"{scale}","connect.decimal.precision":"12"}},"field":"total_amount"}},
+              {{"type":"int64","name":"io.debezium.time.{timestamp}","field":"created_at"}}]}}]}}"#
+        );
+        let message = format!(
+            r#"{{"schema":{schema},"payload":{{"before":null,"after":{{"id":7,"status":"paid",
+              "total_amount":"DqU=","created_at":1706778010000}},"op":"c","source":{{"ts_ms":5}}}}}}"#
+        );
+        (schema, message)
+    }
+
+    /// `created_at` of [`orders_message`] read as milliseconds.
+    const MILLIS: i64 = 1_706_778_010_000;
+
+    /// An order's total and creation time (ms), from a decoded create.
+    fn total_and_time_of(event: Result<Event, DecodeError>) -> (String, i64) {
+        match event.unwrap().decoded {
+            Decoded::Change(TableChange::Order(c)) => {
+                let after = c.after.unwrap();
+                (
+                    after.total_amount.to_string(),
+                    after.created_at.timestamp_millis(),
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Decodes one message both ways, checks that they agree and that the
+    /// scanner read it; the order's total and creation time.
+    fn total_and_time(message: &str) -> (String, i64) {
+        let bytes = message.as_bytes();
+        assert!(scans(bytes), "{message}");
+        let event = decode_event(Table::Orders, Some(bytes));
+        assert_eq!(event, decode_with_serde(Table::Orders, bytes), "{message}");
+        total_and_time_of(event)
+    }
+
+    /// Whether this thread's cache knows the schema `message` carries, as
+    /// the scanner asks it.
+    fn schema_is_cached(message: &str) -> bool {
+        schemas::with(|cache| match fast::scan(message, |rest| cache.find(rest)) {
+            Some(fast::Message::Envelope(_, fast::Schema::Known(_))) => true,
+            Some(fast::Message::Envelope(_, fast::Schema::New(_))) => false,
+            other => panic!("{message}: {other:?}"),
+        })
+    }
+
+    /// The first message with a schema parses it (a miss) and keeps it; the
+    /// next ones find it (hits) and decode the same.
+    #[test]
+    fn a_schema_is_parsed_once_then_found() {
+        empty_cache();
+        let (schema, message) = orders_message("2", "Timestamp");
+        assert!(!schema_is_cached(&message));
+        assert_eq!(total_and_time(&message), ("37.49".into(), MILLIS));
+        assert_eq!(cached(), [schema.as_str()]);
+        for _ in 0..2 {
+            assert!(schema_is_cached(&message));
+            assert_eq!(total_and_time(&message), ("37.49".into(), MILLIS));
+        }
+        // Still one entry: a hit does not parse and keep the text again.
+        assert_eq!(cached(), [schema]);
+    }
+
+    /// Two schemas that differ in one byte, a decimal's scale, alternate:
+    /// each message is read with its own scale.
+    #[test]
+    fn schemas_differing_only_in_a_decimal_scale_are_not_confused() {
+        empty_cache();
+        let (two, with_two) = orders_message("2", "Timestamp");
+        let (three, with_three) = orders_message("3", "Timestamp");
+        assert_eq!(two.len(), three.len());
+        for _ in 0..3 {
+            assert_eq!(total_and_time(&with_two), ("37.49".into(), MILLIS));
+            assert_eq!(total_and_time(&with_three), ("3.749".into(), MILLIS));
+        }
+        assert_eq!(cached(), [three, two]);
+    }
+
+    /// A table's schema changes mid-stream (`created_at` becomes
+    /// microseconds) while messages with the old one still come: each
+    /// message is read with the schema it carries.
+    #[test]
+    fn a_schema_change_mid_stream_applies_to_the_messages_that_carry_it() {
+        empty_cache();
+        let (old, with_old) = orders_message("2", "Timestamp");
+        let (new, with_new) = orders_message("2", "MicroTimestamp");
+        let stream = [&with_old, &with_old, &with_new, &with_old, &with_new];
+        let times: Vec<i64> = stream.iter().map(|m| total_and_time(m).1).collect();
+        assert_eq!(
+            times,
+            [MILLIS, MILLIS, MILLIS / 1000, MILLIS, MILLIS / 1000]
+        );
+        assert_eq!(cached(), [new, old]);
+    }
+
+    /// More schemas than the cache holds: it keeps the most recently used,
+    /// and a message whose schema was dropped is read right, parsing it anew.
+    #[test]
+    fn more_schemas_than_the_cache_holds_evict_the_least_recently_used() {
+        empty_cache();
+        let messages: Vec<(String, String)> = (0..=schemas::CAPACITY)
+            .map(|scale| orders_message(&scale.to_string(), "Timestamp"))
+            .collect();
+        let total = |scale: usize| Decimal::new(3749, scale as u32).to_string();
+        assert_eq!(total(schemas::CAPACITY), "0.00003749");
+        for (scale, (_, message)) in messages.iter().enumerate() {
+            assert_eq!(total_and_time(message).0, total(scale));
+        }
+        let kept = cached();
+        assert_eq!(kept.len(), schemas::CAPACITY);
+        assert!(!kept.contains(&messages[0].0));
+        // The first schema again: parsed anew, and now the second is the
+        // least recently used.
+        assert!(!schema_is_cached(&messages[0].1));
+        assert_eq!(total_and_time(&messages[0].1).0, total(0));
+        let kept = cached();
+        assert_eq!(kept.len(), schemas::CAPACITY);
+        assert_eq!(kept[0], messages[0].0);
+        assert!(!kept.contains(&messages[1].0));
+        for (scale, (_, message)) in messages.iter().enumerate().skip(2) {
+            assert!(schema_is_cached(message));
+            assert_eq!(total_and_time(message).0, total(scale));
+        }
+    }
+
+    /// Schemas that do not parse, schemas with escapes, and message shapes
+    /// the scanner leaves to serde (another key order, other keys, escaped
+    /// keys): the same result either way, read with the message's schema,
+    /// and nothing that failed is cached.
+    #[test]
+    fn odd_schemas_and_shapes_decode_alike() {
+        empty_cache();
+        let (schema, message) = orders_message("2", "Timestamp");
+        let payload = &message[message.find(r#""payload":"#).unwrap() + 10..message.len() - 1];
+        let bad_scale = schema.replace(r#""scale":"2""#, r#""scale":"x""#);
+        let escaped = schema.replace("total_amount", r"total\u005famount");
+        let truncate = payload.replace(r#""op":"c""#, r#""op":"t""#);
+        let decoded = Ok(("37.49", MILLIS));
+        // (message, its total and time or the start of its error)
+        let scanned = [
+            // Parses only as JSON.
+            (
+                format!(r#"{{"schema":{bad_scale},"payload":{payload}}}"#),
+                Err(r#"schema scale "x""#),
+            ),
+            (
+                format!(r#"{{"schema":{{"fields":7}},"payload":{payload}}}"#),
+                Err("schema: invalid type"),
+            ),
+            // An escape in the schema: fine, it is serde that parses it.
+            (
+                format!(r#"{{"schema":{escaped},"payload":{payload}}}"#),
+                decoded,
+            ),
+            // Without its schema the base64 total is not a decimal.
+            (
+                format!(r#"{{"schema":null,"payload":{payload}}}"#),
+                Err("column total_amount: \"DqU=\" is not a decimal"),
+            ),
+        ];
+        // A truncate or a tombstone does not read the schema.
+        let unread_schema = [
+            (
+                format!(r#"{{"schema":{bad_scale},"payload":{truncate}}}"#),
+                Decoded::Truncate,
+            ),
+            (
+                format!(r#"{{"schema":{bad_scale},"payload":null}}"#),
+                Decoded::Tombstone,
+            ),
+        ];
+        let left_to_serde = [
+            (
+                format!(r#"{{"payload":{payload},"schema":{schema}}}"#),
+                decoded,
+            ),
+            (
+                format!(r#"{{"schema":{schema},"payload":{payload},"extra":1}}"#),
+                decoded,
+            ),
+            (
+                format!(r#"{{"sch\u0065ma":{schema},"payload":{payload}}}"#),
+                decoded,
+            ),
+            (
+                format!("{{\n  \"payload\" : {payload} ,\n  \"schema\" : {schema}\n}}"),
+                decoded,
+            ),
+            (
+                format!(r#"{{"schema":{schema},"schema":{schema},"payload":{payload}}}"#),
+                Err("duplicate field `schema`"),
+            ),
+            (
+                format!(r#"{{"schema":"{{}}","payload":{payload}}}"#),
+                Err("schema: invalid type"),
+            ),
+            (
+                format!(
+                    r#"{{"schema":{},"payload":{payload}}}"#,
+                    &schema[..schema.len() - 1]
+                ),
+                Err("EOF while parsing an object"),
+            ),
+            (
+                format!(r#"{{"schema":{schema}}}"#),
+                Err("not a Debezium envelope: no op field"),
+            ),
+        ];
+        let check = |message: &str, expected: &Result<(&str, i64), &str>| {
+            let event = decode_event(Table::Orders, Some(message.as_bytes()));
+            assert_eq!(event, decode_with_serde(Table::Orders, message.as_bytes()));
+            match expected {
+                Ok((total, time)) => {
+                    assert_eq!(total_and_time_of(event), (total.to_string(), *time))
+                }
+                Err(start) => {
+                    let detail = event.unwrap_err().detail;
+                    assert!(detail.starts_with(start), "{message}: {detail}");
+                }
+            }
+        };
+        // Twice: the second time the schema that parsed is found.
+        for _ in 0..2 {
+            for (message, expected) in &scanned {
+                assert!(scans(message.as_bytes()), "{message}");
+                check(message, expected);
+            }
+            for (message, expected) in &unread_schema {
+                assert!(scans(message.as_bytes()), "{message}");
+                let event = decode_event(Table::Orders, Some(message.as_bytes()));
+                assert_eq!(event, decode_with_serde(Table::Orders, message.as_bytes()));
+                assert_eq!(&event.unwrap().decoded, expected);
+            }
+            for (message, expected) in &left_to_serde {
+                assert!(!scans(message.as_bytes()), "{message}");
+                check(message, expected);
+            }
+            // Only the schema that parsed, once.
+            assert_eq!(cached(), [escaped.as_str()]);
+        }
     }
 
     #[test]

@@ -1,16 +1,19 @@
 //! A single-pass scanner for the common Debezium message: the bare envelope
-//! (schemas off) with object row images.
+//! (schemas off) or `{"schema": ..., "payload": envelope}` (schemas on),
+//! with object row images.
 //!
 //! The serde path reads a message in several passes (the envelope with its
 //! row images as raw values, then each image, then each column) and pays
 //! serde_json's per-string costs on every key of the `source` block. This
 //! scanner walks the text once, keeps the row images as (column, raw value)
-//! pairs and reads only `op` and `source.ts_ms`.
+//! pairs and reads only `op` and `source.ts_ms`. A schema it has seen
+//! before it passes over with one comparison (see [`super::schemas`]).
 //!
 //! It is strict: it accepts only what serde_json accepts too (the same JSON
 //! grammar for every value it skips) and gives up (`None`) on anything else:
 //! escapes in keys or in `op`, duplicate fields, values of unexpected types,
-//! the `{schema, payload}` shape, deep nesting. The caller then decodes the
+//! a `schema` that is not an object or null, keys beside `schema` and
+//! `payload` or in another order, deep nesting. The caller then decodes the
 //! message the serde way, so results and errors are exactly the same either
 //! way; the scanner only makes the usual case cheap.
 
@@ -26,6 +29,26 @@ pub(crate) struct Envelope<'a> {
     pub ts_ms: Option<i64>,
 }
 
+/// What the scanner read of a message.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Message<'a, K> {
+    /// The whole message (schemas off) or a `{schema, payload}`'s payload.
+    Envelope(Envelope<'a>, Schema<'a, K>),
+    /// `{"schema": ..., "payload": null}`, JsonConverter's tombstone.
+    Tombstone,
+}
+
+/// The schema beside an envelope.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Schema<'a, K> {
+    /// None: schemas off, or `"schema": null`.
+    Absent,
+    /// An object that the caller's `known` recognised: what it said of it.
+    Known(K),
+    /// Any other object, checked like every value skipped: its text.
+    New(&'a str),
+}
+
 /// Nesting deeper than this is left to serde_json.
 const MAX_DEPTH: u32 = 64;
 
@@ -36,15 +59,23 @@ struct Scanner<'a> {
 }
 
 /// Scans a whole message; None when the serde path must decide.
-pub(crate) fn scan(text: &str) -> Option<Envelope<'_>> {
+///
+/// `known` is shown the bytes from where a schema object starts to the end
+/// of the message; when they start with a schema it knows, it says how long
+/// that is, and the scanner goes on after it without checking it. So it
+/// must know only whole JSON objects that this scanner has accepted.
+pub(crate) fn scan<K>(
+    text: &str,
+    known: impl FnOnce(&[u8]) -> Option<(usize, K)>,
+) -> Option<Message<'_, K>> {
     let mut s = Scanner {
         text,
         bytes: text.as_bytes(),
         at: 0,
     };
-    let envelope = s.envelope()?;
+    let message = s.message(known)?;
     s.ws();
-    (s.at == s.bytes.len()).then_some(envelope)
+    (s.at == s.bytes.len()).then_some(message)
 }
 
 impl<'a> Scanner<'a> {
@@ -341,6 +372,54 @@ impl<'a> Scanner<'a> {
         Some(())
     }
 
+    /// Either shape: `{schema, payload}` when `schema` is the first key.
+    fn message<K>(
+        &mut self,
+        known: impl FnOnce(&[u8]) -> Option<(usize, K)>,
+    ) -> Option<Message<'a, K>> {
+        let start = self.at;
+        if !self.schema_key() {
+            self.at = start;
+            return Some(Message::Envelope(self.envelope()?, Schema::Absent));
+        }
+        let schema = match self.peek()? {
+            b'n' => {
+                self.literal(b"null")?;
+                Schema::Absent
+            }
+            b'{' => match known(&self.bytes[self.at..]) {
+                Some((len, k)) => {
+                    self.at += len;
+                    Schema::Known(k)
+                }
+                None => Schema::New(self.value(1)?),
+            },
+            _ => return None,
+        };
+        self.eat(b',')?;
+        self.eat(b'"')?;
+        if self.plain_string()? != "payload" {
+            return None;
+        }
+        self.eat(b':')?;
+        let message = if self.peek()? == b'n' {
+            self.literal(b"null")?;
+            Message::Tombstone
+        } else {
+            Message::Envelope(self.envelope()?, schema)
+        };
+        self.eat(b'}')?;
+        Some(message)
+    }
+
+    /// `{"schema":`, consumed (false: something else, partly consumed).
+    fn schema_key(&mut self) -> bool {
+        self.eat(b'{').is_some()
+            && self.eat(b'"').is_some()
+            && self.plain_string() == Some("schema")
+            && self.eat(b':').is_some()
+    }
+
     fn envelope(&mut self) -> Option<Envelope<'a>> {
         let mut before = None;
         let mut after = None;
@@ -432,12 +511,25 @@ fn digits_stop(bytes: &[u8], mut at: usize) -> usize {
 mod tests {
     use super::*;
 
+    /// Scans knowing no schema.
+    fn scan_unknown(text: &str) -> Option<Message<'_, ()>> {
+        scan(text, |_| None)
+    }
+
+    /// A bare envelope.
+    fn bare(text: &str) -> Envelope<'_> {
+        match scan_unknown(text) {
+            Some(Message::Envelope(e, Schema::Absent)) => e,
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+
     #[test]
     fn reads_the_envelope_and_keeps_row_values_raw() {
         let text = r#"{"before":null,"after":{"id":7,"status":"paid","total_amount":"45.48","x":{"a":[1,2.5e3,true,null]}},
             "source":{"version":"3.6.3.Final","ts_ms":17,"sequence":"[null,\"26497112\"]","xmin":null},
             "transaction":null,"op":"c","ts_ms":1,"ts_ns":-0}"#;
-        let e = scan(text).unwrap();
+        let e = bare(text);
         assert_eq!(e.op, "c");
         assert_eq!(e.ts_ms, Some(17));
         assert_eq!(e.before, None);
@@ -450,6 +542,41 @@ mod tests {
                 ("x", "{\"a\":[1,2.5e3,true,null]}"),
             ]
         );
+    }
+
+    #[test]
+    fn reads_schema_and_payload_passing_over_a_known_schema() {
+        let payload = r#"{"after":{"id":7},"op":"c","source":{"ts_ms":17}}"#;
+        let schema = r#"{"type":"struct","fields":[{"field":"a\u00e9","x":[1,-2.5e3,true,null]}]}"#;
+        let message = format!("{{ \"schema\" : {schema} ,\n\"payload\":{payload} }}");
+        assert_eq!(
+            scan_unknown(&message),
+            Some(Message::Envelope(bare(payload), Schema::New(schema)))
+        );
+        // `known` sees the bytes from the schema on, and the scanner goes on
+        // after the length it says.
+        let known = |rest: &[u8]| {
+            rest.starts_with(schema.as_bytes())
+                .then_some((schema.len(), 7))
+        };
+        assert_eq!(
+            scan(&message, known),
+            Some(Message::Envelope(bare(payload), Schema::Known(7)))
+        );
+        let null = format!(r#"{{"schema":null,"payload":{payload}}}"#);
+        assert_eq!(
+            scan_unknown(&null),
+            Some(Message::Envelope(bare(payload), Schema::Absent))
+        );
+        for tombstone in [
+            format!(r#"{{"schema":{schema},"payload":null}}"#),
+            r#"{"schema":null,"payload":null}"#.to_owned(),
+        ] {
+            assert_eq!(scan(&tombstone, known), Some(Message::Tombstone));
+        }
+        // A known schema followed by something that is not JSON.
+        let broken = format!(r#"{{"schema":{schema}}},"payload":null}}"#);
+        assert_eq!(scan(&broken, known), None);
     }
 
     #[test]
@@ -512,7 +639,6 @@ mod tests {
     #[test]
     fn leaves_anything_unusual_to_serde() {
         for text in [
-            r#"{"schema":null,"payload":{"op":"c"}}"#,
             r#"{"op":"c","op":"u"}"#,
             r#"{"op":"\u0063"}"#,
             r#"{"after":{"i\u0064":1},"op":"c"}"#,
@@ -529,8 +655,28 @@ mod tests {
             r#"{"op":"c""#,
             "{\"op\":\"c\",\"x\":\"tab\there\"}",
             "[]",
+            r#"{"payload":{"op":"c"},"schema":null}"#,
+            r#"{"payload":{"op":"c"}}"#,
+            r#"{"schema":null}"#,
+            r#"{"schema":null,"schema":null,"payload":{"op":"c"}}"#,
+            r#"{"schema":null,"x":1,"payload":{"op":"c"}}"#,
+            r#"{"schema":null,"payload":{"op":"c"},"x":1}"#,
+            r#"{"schema":null,"payload":{"op":"c"},"payload":null}"#,
+            r#"{"schema":null,"payload":{"op":"c","payload":null}}"#,
+            r#"{"sch\u0065ma":null,"payload":{"op":"c"}}"#,
+            r#"{"schema":null,"p\u0061yload":{"op":"c"}}"#,
+            r#"{"schema":"s","payload":{"op":"c"}}"#,
+            r#"{"schema":[],"payload":{"op":"c"}}"#,
+            r#"{"schema":7,"payload":{"op":"c"}}"#,
+            r#"{"schema":true,"payload":{"op":"c"}}"#,
+            r#"{"schema":{"a":},"payload":{"op":"c"}}"#,
+            r#"{"schema":{"a":"\x"},"payload":{"op":"c"}}"#,
+            r#"{"schema":{"a":1},"payload":{"op":"c"}"#,
+            r#"{"schema":{"a":1},"payload":[]}"#,
+            r#"{"schema":{"a":1},"payload":nul}"#,
+            r#"{"schema":{"a":1},"payload":"x"}"#,
         ] {
-            assert_eq!(scan(text), None, "{text}");
+            assert_eq!(scan_unknown(text), None, "{text}");
         }
     }
 }

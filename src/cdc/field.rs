@@ -33,6 +33,24 @@ pub(crate) struct ColumnSchema<'a> {
     pub scale: Option<u32>,
 }
 
+impl ColumnSchema<'_> {
+    /// The same, owning its text (to outlive the message it came from).
+    pub fn into_owned(self) -> ColumnSchema<'static> {
+        ColumnSchema {
+            column: Cow::Owned(self.column.into_owned()),
+            logical: self.logical.map(|l| Cow::Owned(l.into_owned())),
+            scale: self.scale,
+        }
+    }
+}
+
+/// The columns of a message's row, from the text of its Connect schema.
+pub(crate) fn row_schema(text: &str) -> Result<Vec<ColumnSchema<'_>>, DecodeError> {
+    serde_json::from_str::<SchemaNode>(text)
+        .map_err(|e| DecodeError::new(DecodeErrorKind::MalformedJson, format!("schema: {e}")))?
+        .row_columns()
+}
+
 /// One row image (`before` or `after`): its columns in message order, values
 /// still raw JSON text, and the schema of its columns when the message had one.
 pub(crate) struct Row<'a> {
@@ -317,26 +335,26 @@ impl<'de> Deserialize<'de> for RawColumns<'de> {
 
 /// The parts of a Connect schema node that we read.
 #[derive(Deserialize)]
-pub(crate) struct SchemaNode<'a> {
+struct SchemaNode<'a> {
     #[serde(borrow, default)]
-    pub field: Option<Cow<'a, str>>,
+    field: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    pub name: Option<Cow<'a, str>>,
+    name: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    pub parameters: Option<SchemaParameters<'a>>,
+    parameters: Option<SchemaParameters<'a>>,
     #[serde(borrow, default)]
-    pub fields: Vec<SchemaNode<'a>>,
+    fields: Vec<SchemaNode<'a>>,
 }
 
 #[derive(Deserialize)]
-pub(crate) struct SchemaParameters<'a> {
+struct SchemaParameters<'a> {
     #[serde(borrow, default)]
-    pub scale: Option<Cow<'a, str>>,
+    scale: Option<Cow<'a, str>>,
 }
 
 impl<'a> SchemaNode<'a> {
     /// The columns of the envelope's `after` (or `before`) row struct.
-    pub fn row_columns(self) -> Result<Vec<ColumnSchema<'a>>, DecodeError> {
+    fn row_columns(self) -> Result<Vec<ColumnSchema<'a>>, DecodeError> {
         let row = self.fields.into_iter().find(|f| {
             matches!(f.field.as_deref(), Some("after" | "before")) && !f.fields.is_empty()
         });

@@ -8,6 +8,7 @@
 mod envelope;
 mod fast;
 mod field;
+mod schemas;
 mod tables;
 
 pub use envelope::{decode, decode_event, Decoded, Event};
