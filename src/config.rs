@@ -461,7 +461,7 @@ impl Config {
                 batch_max_records: s.parsed("ETL_BATCH_MAX_RECORDS", 5_000, at_least(1))?,
                 max_inflight_records: s.parsed("ETL_MAX_INFLIGHT_RECORDS", 20_000, at_least(1))?,
                 commit_interval: s.millis("ETL_COMMIT_INTERVAL_MS", 0, 0, 60_000)?,
-                prefetch_kbytes: s.parsed("ETL_KAFKA_PREFETCH_KBYTES", 16_384, prefetch_kbytes)?,
+                prefetch_kbytes: s.parsed("ETL_KAFKA_PREFETCH_KBYTES", 8_192, prefetch_kbytes)?,
             },
             clickhouse: ClickHouseConfig {
                 url: s.url(
@@ -623,6 +623,15 @@ mod tests {
             err.contains("ETL_CLICKHOUSE_URL") && err.contains("http"),
             "{err}"
         );
+        let err = config(&[("ETL_KAFKA_PREFETCH_KBYTES", "0")], None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "setting ETL_KAFKA_PREFETCH_KBYTES (from the environment): \"0\": must be between 1 and 2097151 (KiB)"
+        );
+        let prefetch = config(&[("ETL_KAFKA_PREFETCH_KBYTES", "4096")], None).unwrap();
+        assert_eq!(prefetch.kafka.prefetch_kbytes, 4096);
         let err = config(&[("ETL_KAFKA_BROKERS", ":9092")], None)
             .unwrap_err()
             .to_string();
