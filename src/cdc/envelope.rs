@@ -75,10 +75,6 @@ fn present<'de, D: serde::Deserializer<'de>>(
     Option::<&'de RawValue>::deserialize(d).map(Some)
 }
 
-fn malformed(what: impl std::fmt::Display) -> DecodeError {
-    DecodeError::new(DecodeErrorKind::MalformedJson, what.to_string())
-}
-
 /// Decodes the value of one record from `table`'s topic.
 pub fn decode(table: Table, value: Option<&[u8]>) -> Result<Decoded, DecodeError> {
     decode_event(table, value).map(|e| e.decoded)
@@ -146,7 +142,11 @@ fn parse_op(op: Option<&str>) -> Result<Option<Op>, DecodeError> {
                 format!("op {other:?}"),
             ))
         }
-        None => return Err(malformed("not a Debezium envelope: no op field")),
+        None => {
+            return Err(DecodeError::malformed(
+                "not a Debezium envelope: no op field",
+            ))
+        }
     }))
 }
 
@@ -160,7 +160,7 @@ enum Image<'a> {
 
 /// Any message the scanner leaves, every shape and every error.
 fn decode_with_serde(table: Table, bytes: &[u8]) -> Result<Event, DecodeError> {
-    let message: Message = serde_json::from_slice(bytes).map_err(malformed)?;
+    let message: Message = serde_json::from_slice(bytes).map_err(DecodeError::malformed)?;
     let tombstone = Event {
         decoded: Decoded::Tombstone,
         committed_at_ms: None,
@@ -168,7 +168,8 @@ fn decode_with_serde(table: Table, bytes: &[u8]) -> Result<Event, DecodeError> {
     let (envelope, schema) = match message.payload {
         Some(None) => return Ok(tombstone),
         Some(Some(payload)) => {
-            let envelope: Envelope = serde_json::from_str(payload.get()).map_err(malformed)?;
+            let envelope: Envelope =
+                serde_json::from_str(payload.get()).map_err(DecodeError::malformed)?;
             (envelope, message.schema)
         }
         None => (

@@ -47,7 +47,7 @@ impl ColumnSchema<'_> {
 /// The columns of a message's row, from the text of its Connect schema.
 pub(crate) fn row_schema(text: &str) -> Result<Vec<ColumnSchema<'_>>, DecodeError> {
     serde_json::from_str::<SchemaNode>(text)
-        .map_err(|e| DecodeError::new(DecodeErrorKind::MalformedJson, format!("schema: {e}")))?
+        .map_err(|e| DecodeError::malformed(format_args!("schema: {e}")))?
         .row_columns()
 }
 
@@ -64,9 +64,7 @@ impl<'a> Row<'a> {
         schema: Option<&'a [ColumnSchema<'a>]>,
     ) -> Result<Self, DecodeError> {
         let columns = serde_json::from_str::<RawColumns<'a>>(raw.get())
-            .map_err(|e| {
-                DecodeError::new(DecodeErrorKind::MalformedJson, format!("row image: {e}"))
-            })?
+            .map_err(|e| DecodeError::malformed(format_args!("row image: {e}")))?
             .0;
         Ok(Row { columns, schema })
     }
@@ -364,15 +362,13 @@ impl<'a> SchemaNode<'a> {
         row.fields
             .into_iter()
             .map(|f| {
-                let scale = match f.parameters.as_ref().and_then(|p| p.scale.as_deref()) {
-                    Some(s) => Some(s.parse::<u32>().map_err(|_| {
-                        DecodeError::new(
-                            DecodeErrorKind::MalformedJson,
-                            format!("schema scale {s:?}"),
-                        )
-                    })?),
-                    None => None,
-                };
+                let scale =
+                    match f.parameters.as_ref().and_then(|p| p.scale.as_deref()) {
+                        Some(s) => Some(s.parse::<u32>().map_err(|_| {
+                            DecodeError::malformed(format_args!("schema scale {s:?}"))
+                        })?),
+                        None => None,
+                    };
                 Ok(ColumnSchema {
                     column: f.field.unwrap_or_default(),
                     logical: f.name,

@@ -171,4 +171,9 @@ impl DecodeError {
             detail: detail.into(),
         }
     }
+
+    /// Text that is not the JSON it should be.
+    pub(crate) fn malformed(detail: impl std::fmt::Display) -> Self {
+        DecodeError::new(DecodeErrorKind::MalformedJson, detail.to_string())
+    }
 }
