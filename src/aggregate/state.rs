@@ -197,17 +197,14 @@ impl<A: Aggregate> AggregateState<A> {
             let Some(state) = self.partitions.get_mut(&row.partition) else {
                 continue;
             };
-            let unchanged = state
-                .rows
-                .get(&row.key)
-                .is_some_and(|e| e.stamp.offset() == row.offset && e.value == row.value);
-            if !unchanged {
+            let Some(e) = state.rows.get_mut(&row.key) else {
+                continue;
+            };
+            if e.stamp.offset() != row.offset || e.value != row.value {
                 continue;
             }
             if A::KEEPS_STORED_ROWS {
-                if let Some(e) = state.rows.get_mut(&row.key) {
-                    e.stamp = Stamp::written(row.offset);
-                }
+                e.stamp = Stamp::written(row.offset);
             } else {
                 state.rows.remove(&row.key);
             }
