@@ -22,11 +22,16 @@ RUN mkdir src \
     && cargo build --release --locked --bin etl-processor \
     && rm -rf src
 
-# The real sources. touch: their timestamps may predate the stub build, and cargo must rebuild the crate.
+# The real sources, and the analytics DDL that src/sink/clickhouse.rs compiles in (the same file
+# ClickHouse runs from init/clickhouse: one definition of the tables). touch: their timestamps may
+# predate the stub build, and cargo must rebuild the crate.
 COPY src ./src
+COPY init/clickhouse/01-analytics.sql ./init/clickhouse/01-analytics.sql
+# The release profile keeps line tables for local debugging; the image drops that debug info (most of
+# the binary's size) and keeps the symbols, so a backtrace still names its functions.
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked --bin etl-processor \
-    && install -m 0755 target/release/etl-processor /usr/local/bin/etl-processor
+    && objcopy --strip-debug target/release/etl-processor /usr/local/bin/etl-processor
 
 # --- runtime -------------------------------------------------------------------------------------
 FROM debian:12.12-slim
