@@ -73,6 +73,23 @@ def parse_args():
     return args
 
 
+def resolve_env_placeholders(props):
+    """The connector JSON names its credentials ${env:NAME}: Kafka Connect resolves them with its
+    EnvVarConfigProvider (docker-compose.yml); the embedded engine has none, so this does it.
+    A password nobody set is left out (the native stack's Postgres trusts local connections);
+    any other unresolved placeholder stops start-up, naming the property and the variable."""
+    for key, value in list(props.items()):
+        if not (value.startswith("${env:") and value.endswith("}")):
+            continue
+        var = value[len("${env:"):-1]
+        if var in os.environ:
+            props[key] = os.environ[var]
+        elif key == "database.password":
+            del props[key]
+        else:
+            sys.exit(f"{key} is {value}: set {var} or pass the matching --pg-* option")
+
+
 def engine_properties(args, state_dir: Path):
     """Connector JSON "config" + embedded-engine settings + overrides."""
     with open(args.connector) as f:
@@ -85,6 +102,7 @@ def engine_properties(args, state_dir: Path):
                        ("database.dbname", args.pg_dbname)):
         if value:
             props[key] = value
+    resolve_env_placeholders(props)
 
     # Offsets live in a file next to the rest of the engine's state. The file
     # must be deleted whenever the database (and so the slot) is recreated:

@@ -1,12 +1,17 @@
 //! `debezium/register.py` (the compose stack's `debezium-register` one-shot) against a fake Kafka
 //! Connect REST API served by this test.
 //!
-//! A fake, because the real Kafka Connect REST server cannot run on this machine: there is no
-//! Docker engine for the debezium/connect image, and Connect's own REST server dies at start with
-//! the jars available here (see stack-facts.md in the shared notes, "Debezium (the real
-//! connector)"). The fake answers the endpoints register.py uses the way Connect does: `GET /`,
-//! `GET` and `PUT /connectors/<name>/config` (GET includes "name" in the config; PUT answers 201
-//! when it created the connector, 200 when it updated it) and `GET /connectors/<name>/status`.
+//! A fake, because the real Kafka Connect REST server cannot run on this machine: no image can be
+//! pulled for the debezium/connect image, and Connect's own REST server dies at start with the
+//! jars available here (see stack-facts.md in the shared notes, "Debezium (the real connector)").
+//! The fake answers the endpoints register.py uses the way Connect does: `GET /`, `GET` and
+//! `PUT /connectors/<name>/config` (GET includes "name" in the config; PUT answers 201 when it
+//! created the connector, 200 when it updated it) and `GET /connectors/<name>/status`.
+//!
+//! The connector's credentials are `${env:...}` placeholders, resolved by the worker's config
+//! provider when it starts the connector. Connect stores the config as PUT and its GET returns it
+//! raw, placeholders unresolved (AbstractHerder.connectorInfo reads
+//! ClusterConfigState.rawConnectorConfig), as this fake does: so comparing configs stays stable.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -265,6 +270,13 @@ async fn missing_connector_is_created_with_the_files_config_then_left_alone() {
             &Value::Object(config.clone()),
             "the PUT body is not the file's \"config\" object"
         );
+        // The placeholders go to Connect as they are; its worker resolves them.
+        for (key, placeholder) in CREDENTIALS {
+            assert_eq!(
+                body[key], placeholder,
+                "the PUT body's {key} is not the placeholder {placeholder}"
+            );
+        }
         assert_eq!(
             state.status_without_tasks,
             0,
@@ -292,6 +304,65 @@ async fn missing_connector_is_created_with_the_files_config_then_left_alone() {
         "the second run does not say it changed nothing:\n{}",
         show(&run)
     );
+}
+
+/// The connector file's credentials: placeholders for the worker's `env` config provider.
+const CREDENTIALS: [(&str, &str); 2] = [
+    ("database.user", "${env:POSTGRES_USER}"),
+    ("database.password", "${env:POSTGRES_PASSWORD}"),
+];
+
+#[test]
+fn the_connector_file_holds_placeholders_not_credentials() {
+    let (_, config) = connector_file();
+    for (key, placeholder) in CREDENTIALS {
+        assert_eq!(
+            config.get(key).and_then(Value::as_str),
+            Some(placeholder),
+            "the connector file's {key}: the credentials live in .env, the file names them"
+        );
+    }
+}
+
+#[tokio::test]
+async fn credentials_stored_literally_are_replaced_by_the_placeholders() {
+    // A connector registered before the credentials came from .env: Connect holds them literally.
+    let (_, config) = connector_file();
+    let mut old = stored(&config);
+    old.insert("database.user".into(), Value::String("postgres".into()));
+    old.insert(
+        "database.password".into(),
+        Value::String("literal-secret-42".into()),
+    );
+    let (url, state) = serve(fake(Some(old))).await;
+
+    let run = register(&url, "10").await;
+    assert_eq!(run.code, Some(0), "update failed:\n{}", show(&run));
+    {
+        let state = state.lock().unwrap();
+        assert_eq!(state.puts.len(), 1, "expected one PUT:\n{}", show(&run));
+        assert_eq!(
+            state.config.as_ref(),
+            Some(&stored(&config)),
+            "Connect does not hold the file's config (with placeholders) after the update"
+        );
+    }
+    assert!(
+        run.stdout.contains("database.password") && run.stdout.contains("database.user"),
+        "register.py does not name the settings that differed:\n{}",
+        show(&run)
+    );
+    assert!(
+        !run.stdout.contains("literal-secret-42") && !run.stderr.contains("literal-secret-42"),
+        "register.py printed a stored password:\n{}",
+        show(&run)
+    );
+
+    // Connect returns the placeholders as stored: the next run changes nothing.
+    let run = register(&url, "10").await;
+    assert_eq!(run.code, Some(0), "second run failed:\n{}", show(&run));
+    assert_eq!(state.lock().unwrap().puts.len(), 1, "{}", show(&run));
+    assert!(run.stdout.contains("nothing changed"), "{}", show(&run));
 }
 
 #[tokio::test]
