@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 use etl::config::Config;
 use etl::sink::ClickHouseSink;
+use etl::source::{continuity, LogStartedOver};
 
 /// jemalloc, not the system allocator: it gives freed pages back to the OS,
 /// where glibc's arenas keep what grown hash tables and batches left behind
@@ -119,7 +120,12 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("etl-processor: {e:#}");
-            ExitCode::FAILURE
+            // A log that started over needs a rebuild, not a restart: its own code.
+            if e.chain().any(|cause| cause.is::<LogStartedOver>()) {
+                ExitCode::from(continuity::EXIT_LOG_STARTED_OVER)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     };
     traces.shutdown();

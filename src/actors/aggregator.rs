@@ -49,12 +49,19 @@ pub struct ApplyChanges {
 pub struct StaleLease;
 
 /// (Re)load partitions' rows before their first batch, dropping whatever
-/// this instance held of them; answers with the lease each partition's
-/// batches must carry, in the order asked.
+/// this instance held of them; answers, in the order asked, with the lease
+/// each partition's batches must carry and the highest offset stored from
+/// it (None: nothing yet), which says how far into its log the sink is.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<Lease>, String>")]
+#[rtype(result = "Result<Vec<Acquired>, String>")]
 pub struct Acquire {
     pub partitions: Vec<i32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Acquired {
+    pub lease: Lease,
+    pub highest_stored: Option<i64>,
 }
 
 /// Flush (unless `lost`) and forget a partition; answers with the offset to
@@ -348,7 +355,7 @@ impl<A: SinkTable> Handler<ApplyChanges> for AggregatorActor<A> {
 }
 
 impl<A: SinkTable> Handler<Acquire> for AggregatorActor<A> {
-    type Result = AtomicResponse<Self, Result<Vec<Lease>, String>>;
+    type Result = AtomicResponse<Self, Result<Vec<Acquired>, String>>;
 
     fn handle(&mut self, Acquire { partitions }: Acquire, _: &mut Self::Context) -> Self::Result {
         // Until the rows are loaded, no batch of the partitions is taken; a
@@ -361,17 +368,22 @@ impl<A: SinkTable> Handler<Acquire> for AggregatorActor<A> {
                     async move {
                         // A dimension that keeps no written rows has nothing
                         // to load: replays are settled by the sink's offsets.
-                        let rows = if A::KEEPS_STORED_ROWS {
-                            sink.load_partitions::<A>(&partitions).await
-                        } else {
-                            Ok(Vec::new())
-                        };
-                        (partitions, rows)
+                        let loaded = async {
+                            let rows = if A::KEEPS_STORED_ROWS {
+                                sink.load_partitions::<A>(&partitions).await?
+                            } else {
+                                Vec::new()
+                            };
+                            let highest = sink.highest_offsets::<A>(&partitions).await?;
+                            Ok::<_, crate::sink::SinkError>((rows, highest))
+                        }
+                        .await;
+                        (partitions, loaded)
                     }
                     .into_actor(act)
                 })
                 .map(|(partitions, result), act, _| {
-                    let rows = result.map_err(|e| e.to_string())?;
+                    let (rows, highest) = result.map_err(|e| e.to_string())?;
                     let loaded = rows.len();
                     act.state.load(rows);
                     let leases = partitions
@@ -380,7 +392,12 @@ impl<A: SinkTable> Handler<Acquire> for AggregatorActor<A> {
                             act.next_lease += 1;
                             let lease = Lease(act.next_lease);
                             act.leases.insert(partition, lease);
-                            lease
+                            let highest_stored =
+                                highest.iter().find(|(p, _)| *p == partition).map(|h| h.1);
+                            Acquired {
+                                lease,
+                                highest_stored,
+                            }
                         })
                         .collect();
                     tracing::info!(

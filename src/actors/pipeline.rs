@@ -7,7 +7,7 @@ use actix::prelude::*;
 use dashmap::DashMap;
 use futures::executor::block_on;
 
-use super::aggregator::{Acquire, AggregatorActor, ApplyChanges, Lease, Release};
+use super::aggregator::{Acquire, Acquired, AggregatorActor, ApplyChanges, Lease, Release};
 use super::partition::{Decode, Drain, Inflight, PartitionActor, SetLease};
 use super::sink::SinkActor;
 use super::supervisor::{Route, Supervised, Supervision};
@@ -16,12 +16,14 @@ use crate::cdc::Table;
 use crate::config::{Config, FaultConfig, SupervisionConfig};
 use crate::restart::ActorKind;
 use crate::sink::{ClickHouseSink, DeadLetters, SinkTable};
-use crate::source::{CommitRequest, Downstream, RecordBatch, Rewind};
+use crate::source::{continuity, CommitRequest, Downstream, RecordBatch, Rewind};
 use crate::telemetry::{self, metrics, traces};
 
 /// The mailboxes of one table's aggregator, whichever incarnation runs.
 #[derive(Clone)]
 struct AggregatorHandle {
+    /// Its ClickHouse table.
+    aggregate: &'static str,
     apply: Route<ApplyChanges>,
     mailbox: telemetry::Mailbox,
     acquire: Route<Acquire>,
@@ -106,14 +108,14 @@ impl Pipeline {
         Some((table, &self.aggregators[&table]))
     }
 
-    /// Has the aggregator (re)load the partitions; returns their new leases,
-    /// in the same order.
+    /// Has the aggregator (re)load the partitions; returns their new leases
+    /// and highest stored offsets, in the same order.
     fn acquire(
         &self,
         table: Table,
         handle: &AggregatorHandle,
         partitions: &[i32],
-    ) -> anyhow::Result<Vec<Lease>> {
+    ) -> anyhow::Result<Vec<Acquired>> {
         let mut backoff = ACQUIRE_FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
@@ -235,6 +237,7 @@ impl Starter<'_> {
             },
         );
         AggregatorHandle {
+            aggregate: A::NAME,
             apply: aggregator.route(),
             mailbox: aggregator.mailbox().clone(),
             acquire: aggregator.route(),
@@ -244,14 +247,21 @@ impl Starter<'_> {
 }
 
 impl Downstream for Pipeline {
-    fn assigned(&self, topic: &str, partitions: &[i32]) -> anyhow::Result<()> {
+    fn assigned(&self, topic: &str, partitions: &[(i32, i64)]) -> anyhow::Result<()> {
         let Some((table, aggregator)) = self.table(topic) else {
             // Its records are counted and skipped in `deliver`.
             return Ok(());
         };
-        let leases = self.acquire(table, aggregator, partitions)?;
-        for (&partition, lease) in partitions.iter().zip(leases) {
-            self.start_partition(topic, table, aggregator, partition, lease);
+        let numbers: Vec<i32> = partitions.iter().map(|&(p, _)| p).collect();
+        let acquired = self.acquire(table, aggregator, &numbers)?;
+        // Before any of their records is applied: a log that ends before
+        // what is stored from it started over, and counting on would be wrong.
+        for (&(partition, end), a) in partitions.iter().zip(&acquired) {
+            let aggregate = aggregator.aggregate;
+            continuity::check(topic, partition, end, aggregate, a.highest_stored)?;
+        }
+        for (&partition, a) in numbers.iter().zip(acquired) {
+            self.start_partition(topic, table, aggregator, partition, a.lease);
         }
         Ok(())
     }
@@ -267,7 +277,7 @@ impl Downstream for Pipeline {
         else {
             return Ok(());
         };
-        let [lease] = self.acquire(table, aggregator, &[partition])?[..] else {
+        let [Acquired { lease, .. }] = self.acquire(table, aggregator, &[partition])?[..] else {
             anyhow::bail!("the aggregator answered one partition with another number of leases");
         };
         // Queued behind any batch from before the rewind, which is dropped

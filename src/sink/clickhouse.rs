@@ -177,6 +177,40 @@ impl ClickHouseSink {
         let rows: Vec<A::Row> = within(async { Ok(query.fetch_all().await?) }).await?;
         rows.into_iter().map(A::from_row).collect()
     }
+
+    /// The highest source offset stored from each of `partitions` (those
+    /// with no row are left out): how far into each partition's log this
+    /// aggregate has already counted.
+    pub async fn highest_offsets<A: SinkTable>(
+        &self,
+        partitions: &[i32],
+    ) -> Result<Vec<(i32, i64)>, SinkError> {
+        #[derive(Row, Deserialize)]
+        struct Highest {
+            partition: u32,
+            offset: u64,
+        }
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = partitions
+            .iter()
+            .map(i32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        // No FINAL: any row ever written counts, also one a merge would replace.
+        let sql = format!(
+            "SELECT source_partition AS partition, max(source_offset) AS offset FROM {} \
+             WHERE source_partition IN ({list}) GROUP BY source_partition",
+            A::NAME
+        );
+        let query = self.client.query(&sql);
+        let rows: Vec<Highest> = within(async { Ok(query.fetch_all().await?) }).await?;
+        Ok(rows
+            .into_iter()
+            .map(|h| (h.partition as i32, h.offset as i64))
+            .collect())
+    }
 }
 
 /// RowBinaryWithNamesAndTypes, which validation uses, is read correctly by

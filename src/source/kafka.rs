@@ -64,9 +64,10 @@ pub struct Rewind {
 
 /// What the source needs from the runtime. Each call blocks until done.
 pub trait Downstream: Send + Sync + 'static {
-    /// Partitions of `topic` were assigned: get ready for their first
-    /// batches (all at once: their state is loaded in one go).
-    fn assigned(&self, topic: &str, partitions: &[i32]) -> anyhow::Result<()>;
+    /// Partitions of `topic` were assigned, each with its log's end offset
+    /// (`(partition, end)`): get ready for their first batches (all at once:
+    /// their state is loaded in one go).
+    fn assigned(&self, topic: &str, partitions: &[(i32, i64)]) -> anyhow::Result<()>;
     /// A partition is about to be replayed from its last commit: drop what
     /// is held of it and reload its stored state.
     fn rewound(&self, topic: &str, partition: i32) -> anyhow::Result<()>;
@@ -82,7 +83,7 @@ pub trait Downstream: Send + Sync + 'static {
 pub struct SourceContext {
     downstream: Arc<dyn Downstream>,
     /// An assignment the runtime could not take: the source stops on it.
-    fatal: Mutex<Option<String>>,
+    fatal: Mutex<Option<anyhow::Error>>,
     /// Bumped by every assignment change, so the poll loop can tell records
     /// gathered under an older assignment.
     generation: AtomicU64,
@@ -138,18 +139,33 @@ impl ConsumerContext for SourceContext {
                 Err(e) => format!("unknown ({e})"),
             };
             tracing::info!(partitions = tpl.count(), %resume, "partitions assigned");
-            let mut by_topic: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+            let mut by_topic: BTreeMap<String, Vec<(i32, i64)>> = BTreeMap::new();
+            let mut fatal = None;
             for e in tpl.elements() {
-                by_topic
-                    .entry(e.topic().to_owned())
-                    .or_default()
-                    .push(e.partition());
-            }
-            for (topic, partitions) in by_topic {
-                if let Err(err) = self.downstream.assigned(&topic, &partitions) {
-                    let why = format!("cannot take partitions {partitions:?} of {topic}: {err:#}");
-                    *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                // The log's end, so the runtime can tell a log that started over.
+                let (topic, partition) = (e.topic(), e.partition());
+                match consumer.fetch_watermarks(topic, partition, COMMITTED_TIMEOUT) {
+                    Ok((_, end)) => by_topic
+                        .entry(topic.to_owned())
+                        .or_default()
+                        .push((partition, end)),
+                    Err(err) => {
+                        fatal = Some(anyhow::anyhow!(
+                            "cannot read the end of {topic} partition {partition}: {err}"
+                        ))
+                    }
                 }
+            }
+            for (topic, partitions) in by_topic.into_iter().filter(|_| fatal.is_none()) {
+                if let Err(err) = self.downstream.assigned(&topic, &partitions) {
+                    let taken: Vec<i32> = partitions.iter().map(|&(p, _)| p).collect();
+                    fatal =
+                        Some(err.context(format!("cannot take partitions {taken:?} of {topic}")));
+                    break;
+                }
+            }
+            if let Some(err) = fatal {
+                *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
             }
         }
     }
@@ -330,7 +346,7 @@ impl KafkaSource {
                 .unwrap_or_else(|p| p.into_inner())
                 .take()
             {
-                anyhow::bail!(why);
+                return Err(why);
             }
             for batch in batches {
                 self.downstream.deliver(batch)?;
