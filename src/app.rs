@@ -22,6 +22,10 @@ pub const EXIT_ESCALATED: i32 = 70;
 /// Exit code when a shutdown did not flush and commit within its bound.
 pub const EXIT_SHUTDOWN_TIMEOUT: i32 = 4;
 
+/// How long the start-up check of the source tables' replica identity may
+/// wait for Postgres (when `ETL_POSTGRES_URL` is set).
+const REPLICA_IDENTITY_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -46,6 +50,11 @@ pub fn run<S: Display>(config: Config, stop: impl Future<Output = S>) -> anyhow:
                 .await
                 .with_context(|| format!("setting ETL_METRICS_ADDR: cannot listen on {addr}"))?;
             tracing::info!(%bound, "serving /metrics, /health/live and /health/ready");
+        }
+        if let Some(url) = config.postgres_url.clone() {
+            // In the background: the processor does not need Postgres.
+            let check = crate::reconcile::warn_about_replica_identity(url, REPLICA_IDENTITY_CHECK);
+            tokio::spawn(check);
         }
         let sink = ClickHouseSink::connect(&config.clickhouse)
             .await

@@ -2,10 +2,8 @@
 //! aggregates. `run` (the default) is the pipeline; `replay` and `reconcile`
 //! are the checks.
 
-use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use etl::config::Config;
@@ -38,6 +36,8 @@ enum Command {
     Run,
     /// Replay captured Debezium events (JSON lines: {"topic","key","value"})
     /// through the decoder and aggregates; print the final aggregates.
+    /// Events the pipeline would dead-letter are left out and listed on
+    /// stderr, and the exit code is then 1.
     /// The topic prefix is ETL_TOPIC_PREFIX's (default online_store).
     Replay { file: std::path::PathBuf },
     /// Compare every aggregate in ClickHouse with a GROUP BY over Postgres;
@@ -105,7 +105,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(config),
-        Command::Replay { file } => replay(&file, &config.kafka.topic_prefix),
+        Command::Replay { file } => etl::replay::command(&file, &config.kafka.topic_prefix),
         Command::Reconcile => reconcile(config),
         Command::Bench { bench } => run_bench(bench, &config),
         Command::Produce(args) => {
@@ -130,17 +130,6 @@ fn main() -> ExitCode {
     };
     traces.shutdown();
     code
-}
-
-fn replay(file: &std::path::Path, topic_prefix: &str) -> anyhow::Result<ExitCode> {
-    let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let (aggregates, summary) = etl::replay::replay(std::io::BufReader::new(input), topic_prefix)?;
-    let mut out = std::io::stdout().lock();
-    for line in aggregates.report() {
-        writeln!(out, "{line}")?;
-    }
-    tracing::info!(?summary, "replayed");
-    Ok(ExitCode::SUCCESS)
 }
 
 fn run_bench(bench: BenchCommand, config: &Config) -> anyhow::Result<ExitCode> {
@@ -169,6 +158,9 @@ fn reconcile(config: Config) -> anyhow::Result<ExitCode> {
     tokio_runtime()?.block_on(async move {
         let sink = ClickHouseSink::connect(&config.clickhouse).await?;
         let report = etl::reconcile::reconcile(&postgres_url, &sink).await?;
+        for warning in &report.replica_identity {
+            println!("reconcile: warning: {warning}");
+        }
         for difference in &report.differences {
             println!("{difference}");
         }

@@ -1,5 +1,6 @@
 //! `etl-processor reconcile`: each aggregate's GROUP BY over the current
-//! Postgres state against what ClickHouse holds, to the cent.
+//! Postgres state against what ClickHouse holds, to the cent; and the check
+//! of the source tables' replica identity, which `run` makes at start-up too.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -11,7 +12,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 
 use crate::aggregate::{Aggregate, CustomersByMinute, OrdersByMinute, ProductSales, Products};
-use crate::cdc::Minute;
+use crate::cdc::{Minute, Table};
 use crate::replay::money;
 use crate::sink::ClickHouseSink;
 
@@ -53,6 +54,9 @@ pub struct Report {
     /// Keys compared, over all aggregates.
     pub compared: usize,
     pub differences: Vec<Difference>,
+    /// Source tables whose replica identity keeps their aggregates from
+    /// being exact once rows are updated or deleted.
+    pub replica_identity: Vec<ReplicaIdentityWarning>,
 }
 
 impl Report {
@@ -73,12 +77,16 @@ pub async fn reconcile(postgres_url: &str, sink: &ClickHouseSink) -> anyhow::Res
     let mut expected = Side::new();
     let mut actual = Side::new();
     postgres_side(&pg, &mut expected).await?;
+    let replica_identity = replica_identity_warnings(&replica_identities(&pg).await?);
     pg.batch_execute("COMMIT").await?;
     drop(pg);
     let _ = connection.await;
     clickhouse_side(sink, &mut actual).await?;
 
-    let mut report = Report::default();
+    let mut report = Report {
+        replica_identity,
+        ..Report::default()
+    };
     let keys: std::collections::BTreeSet<&Key> = expected.keys().chain(actual.keys()).collect();
     report.compared = keys.len();
     for key in keys {
@@ -92,6 +100,144 @@ pub async fn reconcile(postgres_url: &str, sink: &ClickHouseSink) -> anyhow::Res
         }
     }
     Ok(report)
+}
+
+/// `pg_class.relreplident`: which old row Postgres logs for an update or a
+/// delete, and so what Debezium can put in its before image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaIdentity {
+    /// `d`: the primary key's columns only (Debezium: no before image for an
+    /// update, the key and placeholders for a delete).
+    Default,
+    /// `f`: the whole row.
+    Full,
+    /// `i`: the columns of one index only.
+    Index,
+    /// `n`: nothing.
+    Nothing,
+}
+
+impl ReplicaIdentity {
+    pub fn from_relreplident(code: &str) -> Option<ReplicaIdentity> {
+        Some(match code {
+            "d" => ReplicaIdentity::Default,
+            "f" => ReplicaIdentity::Full,
+            "i" => ReplicaIdentity::Index,
+            "n" => ReplicaIdentity::Nothing,
+            _ => return None,
+        })
+    }
+
+    /// As `ALTER TABLE ... REPLICA IDENTITY` spells it.
+    pub fn as_sql(self) -> &'static str {
+        match self {
+            ReplicaIdentity::Default => "DEFAULT",
+            ReplicaIdentity::Full => "FULL",
+            ReplicaIdentity::Index => "USING INDEX",
+            ReplicaIdentity::Nothing => "NOTHING",
+        }
+    }
+}
+
+/// A captured table whose aggregates subtract the old row, without
+/// `REPLICA IDENTITY FULL`: its updates and deletes reach the processor
+/// without that row and go to the dead-letter topic (`missing_before`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaIdentityWarning {
+    pub table: Table,
+    pub identity: ReplicaIdentity,
+}
+
+impl fmt::Display for ReplicaIdentityWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let table = self.table;
+        write!(
+            f,
+            "table {table} has REPLICA IDENTITY {}: Debezium sends its updates and deletes without \
+             the whole old row, which {} subtracts, so they go to the dead-letter topic \
+             (reason missing_before) and the aggregate misses them; run {}",
+            self.identity.as_sql(),
+            aggregate_of(table),
+            table.replica_identity_fix()
+        )
+    }
+}
+
+/// The aggregate a source table feeds.
+fn aggregate_of(table: Table) -> &'static str {
+    [
+        (OrdersByMinute::SOURCE, OrdersByMinute::NAME),
+        (ProductSales::SOURCE, ProductSales::NAME),
+        (CustomersByMinute::SOURCE, CustomersByMinute::NAME),
+        (Products::SOURCE, Products::NAME),
+    ]
+    .into_iter()
+    .find_map(|(source, name)| (source == table).then_some(name))
+    .expect("every captured table feeds an aggregate")
+}
+
+/// The warnings for the captured tables' replica identities, given as
+/// (table name, `relreplident`): one for each table whose aggregates need the
+/// whole old row and that does not have `FULL`. A table missing from the
+/// list is not warned about (its GROUP BY fails on its own).
+pub fn replica_identity_warnings(identities: &[(String, String)]) -> Vec<ReplicaIdentityWarning> {
+    Table::ALL
+        .into_iter()
+        .filter(|table| table.needs_whole_old_row())
+        .filter_map(|table| {
+            let (_, code) = identities.iter().find(|(name, _)| name == table.name())?;
+            let identity = ReplicaIdentity::from_relreplident(code)?;
+            (identity != ReplicaIdentity::Full)
+                .then_some(ReplicaIdentityWarning { table, identity })
+        })
+        .collect()
+}
+
+/// (table name, `relreplident`) of the captured tables in schema public.
+async fn replica_identities(pg: &tokio_postgres::Client) -> anyhow::Result<Vec<(String, String)>> {
+    let names: Vec<&str> = Table::ALL.iter().map(|t| t.name()).collect();
+    let rows = pg
+        .query(
+            "SELECT c.relname::text, c.relreplident::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND c.relname = ANY($1)",
+            &[&names],
+        )
+        .await
+        .context("reading the tables' replica identity (pg_class.relreplident)")?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// The replica identity check on its own, as `run` makes it at start-up.
+pub async fn check_replica_identity(
+    postgres_url: &str,
+) -> anyhow::Result<Vec<ReplicaIdentityWarning>> {
+    let (pg, connection) = tokio_postgres::connect(postgres_url, tokio_postgres::NoTls)
+        .await
+        .context("connecting to Postgres (setting ETL_POSTGRES_URL)")?;
+    let connection = tokio::spawn(connection);
+    let identities = replica_identities(&pg).await;
+    drop(pg);
+    let _ = connection.await;
+    Ok(replica_identity_warnings(&identities?))
+}
+
+/// Logs a warning for each captured table without the replica identity its
+/// aggregates need; that the check could not be made, at info level (the
+/// processor itself does not need Postgres). Bounded by `timeout`.
+pub async fn warn_about_replica_identity(postgres_url: String, timeout: std::time::Duration) {
+    match tokio::time::timeout(timeout, check_replica_identity(&postgres_url)).await {
+        Ok(Ok(warnings)) => {
+            for warning in warnings {
+                tracing::warn!(table = %warning.table, "{warning}");
+            }
+        }
+        Ok(Err(e)) => tracing::info!("replica identity not checked: {e:#}"),
+        Err(_) => tracing::info!(
+            ?timeout,
+            "replica identity not checked: Postgres did not answer"
+        ),
+    }
 }
 
 fn orders_text(orders: i64, revenue: Decimal) -> String {
@@ -273,4 +419,83 @@ async fn clickhouse_side(sink: &ClickHouseSink, side: &mut Side) -> anyhow::Resu
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identities(rows: &[(&str, &str)]) -> Vec<(String, String)> {
+        rows.iter()
+            .map(|(t, c)| (t.to_string(), c.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn only_tables_whose_aggregates_subtract_need_replica_identity_full() {
+        let full = identities(&[
+            ("customers", "f"),
+            ("products", "f"),
+            ("orders", "f"),
+            ("order_items", "f"),
+        ]);
+        assert_eq!(replica_identity_warnings(&full), []);
+        // The products dimension needs only a delete's key: DEFAULT will do.
+        let products_default = identities(&[
+            ("customers", "f"),
+            ("products", "d"),
+            ("orders", "f"),
+            ("order_items", "f"),
+        ]);
+        assert_eq!(replica_identity_warnings(&products_default), []);
+        let others = identities(&[
+            ("customers", "i"),
+            ("products", "d"),
+            ("orders", "d"),
+            ("order_items", "n"),
+            ("audit_log", "d"),
+        ]);
+        let warning = |table, identity| ReplicaIdentityWarning { table, identity };
+        assert_eq!(
+            replica_identity_warnings(&others),
+            [
+                warning(Table::Customers, ReplicaIdentity::Index),
+                warning(Table::Orders, ReplicaIdentity::Default),
+                warning(Table::OrderItems, ReplicaIdentity::Nothing),
+            ]
+        );
+        // A table that is not there is not warned about.
+        assert_eq!(
+            replica_identity_warnings(&identities(&[("orders", "d")])),
+            [warning(Table::Orders, ReplicaIdentity::Default)]
+        );
+    }
+
+    #[test]
+    fn a_warning_names_the_table_the_aggregate_and_the_fix() {
+        let texts: Vec<String> = replica_identity_warnings(&identities(&[
+            ("orders", "d"),
+            ("order_items", "i"),
+            ("customers", "n"),
+        ]))
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        let text = |table: &str, identity: &str, aggregate: &str| {
+            format!(
+                "table {table} has REPLICA IDENTITY {identity}: Debezium sends its updates and \
+                 deletes without the whole old row, which {aggregate} subtracts, so they go to the \
+                 dead-letter topic (reason missing_before) and the aggregate misses them; run \
+                 ALTER TABLE {table} REPLICA IDENTITY FULL"
+            )
+        };
+        assert_eq!(
+            texts,
+            [
+                text("customers", "NOTHING", "customers_by_minute"),
+                text("orders", "DEFAULT", "orders_by_minute"),
+                text("order_items", "USING INDEX", "product_sales"),
+            ]
+        );
+    }
 }

@@ -1,9 +1,15 @@
 //! `etl-processor replay FILE`: Debezium events from a JSON-lines file through
-//! the same decoder and aggregates the pipeline runs, without any service.
+//! the same decoder and aggregates the pipeline runs, without any service,
+//! and with its policy for events that do not decode: left out, reported as
+//! dead letters, and the replay goes on.
 
-use std::io::BufRead;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -115,14 +121,48 @@ pub struct ReplaySummary {
     pub tombstones: u64,
     pub truncates: u64,
     pub other_topics: u64,
+    /// Events the pipeline would send to the dead-letter topic, by reason.
+    pub dead_letters: BTreeMap<&'static str, u64>,
+}
+
+impl ReplaySummary {
+    pub fn dead_lettered(&self) -> u64 {
+        self.dead_letters.values().sum()
+    }
+}
+
+/// An event that does not decode: the pipeline would send it to the
+/// dead-letter topic with this reason and error, and go on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// 1-based line of the capture.
+    pub line: usize,
+    pub topic: String,
+    /// The dead letter's `reason` header, e.g. `missing_before`.
+    pub reason: &'static str,
+    /// Its `error` header (which starts with the reason).
+    pub error: String,
+}
+
+impl fmt::Display for DeadLetter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "line {} ({}): dead letter: {}",
+            self.line, self.topic, self.error
+        )
+    }
 }
 
 /// Replays every line of `input`. `topic_prefix` is Debezium's topic.prefix.
-/// Undecodable events stop the replay with the line number and the reason:
-/// a replay is a check, so a bad capture must not pass as a good one.
+/// An event that does not decode is handled as the pipeline handles it: it
+/// is left out of the aggregates, handed to `dead_letter` and counted, and
+/// the replay goes on. A line that is not a captured record at all stops
+/// the replay with its number: the file is not a capture.
 pub fn replay(
     input: impl BufRead,
     topic_prefix: &str,
+    mut dead_letter: impl FnMut(&DeadLetter),
 ) -> anyhow::Result<(AllAggregates, ReplaySummary)> {
     let mut all = AllAggregates::default();
     let mut summary = ReplaySummary::default();
@@ -150,8 +190,49 @@ pub fn replay(
                 telemetry::truncate(table);
                 summary.truncates += 1;
             }
-            Err(e) => bail!("line {number} ({}): {e}", record.topic),
+            Err(e) => {
+                *summary.dead_letters.entry(e.kind.as_str()).or_default() += 1;
+                dead_letter(&DeadLetter {
+                    line: number,
+                    topic: record.topic,
+                    reason: e.kind.as_str(),
+                    error: e.to_string(),
+                });
+            }
         }
     }
     Ok((all, summary))
+}
+
+/// `etl-processor replay FILE`: the aggregates on stdout; each event the
+/// pipeline would dead-letter, and then their count by reason, on stderr.
+/// Exits 0 when every event was used, 1 when some would be dead letters (the
+/// aggregates printed leave them out) or the file is not a capture.
+pub fn command(file: &Path, topic_prefix: &str) -> anyhow::Result<ExitCode> {
+    let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let mut err = std::io::stderr().lock();
+    let (aggregates, summary) = replay(std::io::BufReader::new(input), topic_prefix, |letter| {
+        let _ = writeln!(err, "replay: {letter}");
+    })?;
+    drop(err);
+    let mut out = std::io::stdout().lock();
+    for line in aggregates.report() {
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    tracing::info!(?summary, "replayed");
+    if summary.dead_letters.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let reasons: Vec<String> = summary
+        .dead_letters
+        .iter()
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
+    eprintln!(
+        "replay: {} events would go to the dead-letter topic ({}); the aggregates leave them out",
+        summary.dead_lettered(),
+        reasons.join(", ")
+    );
+    Ok(ExitCode::FAILURE)
 }

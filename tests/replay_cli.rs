@@ -54,23 +54,143 @@ fn the_output_follows_the_events_not_a_fixed_answer() {
     assert_ne!(String::from_utf8(out.stdout).unwrap(), expected());
 }
 
-#[test]
-fn a_malformed_line_fails_with_its_line_number() {
-    let bad = std::env::temp_dir().join(format!("bad-{}.jsonl", std::process::id()));
-    std::fs::write(
-        &bad,
-        "{\"topic\":\"online_store.public.orders\",\"key\":null,\"value\":{\"op\":\"c\",\"after\":{\"id\":\"x\"}}}\n",
-    )
-    .unwrap();
+/// Runs `replay` on a file: (exit code, stdout, stderr).
+fn replay_file(path: &std::path::Path) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_etl-processor"))
-        .args(["replay", bad.to_str().unwrap()])
+        .args(["replay", path.to_str().unwrap()])
+        .env_remove("ETL_TOPIC_PREFIX")
+        .env("ETL_LOG", "warn")
         .output()
         .unwrap();
-    std::fs::remove_file(&bad).ok();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// Writes `text` to a temporary file for one test.
+fn temp_capture(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("{name}-{}.jsonl", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// An event that does not decode is a dead letter, as in the pipeline: its
+/// line and reason go to stderr, the replay goes on, the aggregates leave it
+/// out, and the exit code says that something was left out.
+#[test]
+fn an_undecodable_event_is_a_dead_letter_and_the_replay_goes_on() {
+    let bad = r#"{"topic":"online_store.public.orders","key":null,"value":{"op":"c","after":{"id":"x"}}}"#;
+    let good = r#"{"topic":"online_store.public.customers","key":{"id":1},"value":{"before":null,"after":{"id":1,"email":"a@b.c","full_name":"A","created_at":"2024-01-02T10:00:00Z"},"op":"c"}}"#;
+    let path = temp_capture("bad", &format!("{bad}\n{good}\n{bad}\n"));
+    let (code, stdout, stderr) = replay_file(&path);
+    std::fs::remove_file(&path).ok();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stdout,
+        "{\"aggregate\":\"customers_by_minute\",\"minute\":\"2024-01-02T10:00:00Z\",\"customers\":1}\n"
+    );
+    let letter = |line| {
+        format!(
+            "replay: line {line} (online_store.public.orders): dead letter: bad_field: column id: \
+             expected an integer, got \"x\""
+        )
+    };
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [
+            letter(1),
+            letter(3),
+            "replay: 2 events would go to the dead-letter topic (bad_field 2); the aggregates \
+             leave them out"
+                .to_owned(),
+        ]
+    );
+}
+
+#[test]
+fn a_line_that_is_not_a_captured_record_stops_the_replay_with_its_number() {
+    let good = r#"{"topic":"online_store.public.customers","key":{"id":1},"value":{"before":null,"after":{"id":1,"email":"a@b.c","full_name":"A","created_at":"2024-01-02T10:00:00Z"},"op":"c"}}"#;
+    let path = temp_capture("not-a-capture", &format!("{good}\n{{\"value\":1}}\n"));
+    let (code, stdout, stderr) = replay_file(&path);
+    std::fs::remove_file(&path).ok();
+    assert_eq!(code, Some(1));
+    assert_eq!(stdout, "");
     assert!(
-        stderr.contains("line 1") && stderr.contains("bad_field"),
+        stderr.contains("line 2: not a {topic, key, value} object"),
         "{stderr}"
     );
+}
+
+/// A capture of tables in REPLICA IDENTITY DEFAULT: the updates and deletes
+/// of the tables whose aggregates subtract are dead letters, each named on
+/// stderr with the table and the fix; everything else is applied, the
+/// products dimension's updates and deletes included.
+#[test]
+fn a_replica_identity_default_capture_replays_like_the_pipeline() {
+    // The snapshot and the creates; none of the 10 updates and deletes of
+    // customers, orders and order_items.
+    let expected = [
+        r#"{"aggregate":"customers_by_minute","minute":"2024-01-02T10:00:00Z","customers":3}"#,
+        r#"{"aggregate":"customers_by_minute","minute":"2024-01-02T10:01:00Z","customers":2}"#,
+        r#"{"aggregate":"customers_by_minute","minute":"2024-01-03T08:15:00Z","customers":1}"#,
+        r#"{"aggregate":"orders_by_minute","minute":"2024-02-01T09:00:00Z","status":"delivered","orders":1,"revenue":"39.98"}"#,
+        r#"{"aggregate":"orders_by_minute","minute":"2024-02-01T09:00:00Z","status":"pending","orders":1,"revenue":"49.49"}"#,
+        r#"{"aggregate":"orders_by_minute","minute":"2024-02-01T09:30:00Z","status":"pending","orders":1,"revenue":"45.00"}"#,
+        r#"{"aggregate":"product_sales","product_id":1,"units":2,"revenue":"39.98","lines":1}"#,
+        r#"{"aggregate":"product_sales","product_id":2,"units":2,"revenue":"90.00","lines":2}"#,
+        r#"{"aggregate":"product_sales","product_id":3,"units":1,"revenue":"4.49","lines":1}"#,
+    ];
+    let letters = [
+        (14, "customers", "u"),
+        (15, "customers", "d"),
+        (18, "customers", "d"),
+        (31, "orders", "u"),
+        (32, "order_items", "u"),
+        (33, "orders", "u"),
+        (34, "order_items", "d"),
+        (36, "orders", "u"),
+        (37, "orders", "d"),
+        (39, "order_items", "d"),
+    ];
+    for fixture in [
+        "replica_identity_default_schemas_off_string.jsonl",
+        "replica_identity_default_schemas_off_double.jsonl",
+        "replica_identity_default_schemas_on_precise.jsonl",
+    ] {
+        let (code, stdout, stderr) = replay_file(&common::fixture(fixture));
+        assert_eq!(code, Some(1), "{fixture}: {stderr}");
+        assert_eq!(stdout.lines().collect::<Vec<_>>(), expected, "{fixture}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), letters.len() + 1, "{fixture}: {stderr}");
+        for ((line, table, op), text) in letters.iter().zip(&lines) {
+            let start = format!(
+                "replay: line {line} (online_store.public.{table}): dead letter: missing_before: \
+                 {table} op {op}: "
+            );
+            let end = format!(
+                "; the aggregates of {table} subtract the old row, which Debezium sends only for \
+                 a table with REPLICA IDENTITY FULL: run ALTER TABLE {table} REPLICA IDENTITY FULL"
+            );
+            assert!(
+                text.starts_with(&start) && text.ends_with(&end),
+                "{fixture}: {text}"
+            );
+        }
+        assert_eq!(
+            lines[letters.len()],
+            "replay: 10 events would go to the dead-letter topic (missing_before 10); the \
+             aggregates leave them out"
+        );
+    }
+}
+
+/// A clean capture prints nothing on stderr besides logs and exits 0.
+#[test]
+fn a_capture_without_dead_letters_exits_0_and_says_nothing() {
+    let (code, stdout, stderr) = replay_file(&common::fixture("schemas_off_string.jsonl"));
+    assert_eq!(code, Some(0));
+    assert_eq!(stdout, expected());
+    assert_eq!(stderr, "");
 }

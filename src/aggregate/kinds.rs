@@ -34,6 +34,8 @@ pub struct CustomerTotals {
 }
 
 /// The products dimension: latest name, category and price by product_id.
+/// The newest row wins, so it reads no old row of an update and only the key
+/// of a delete: it works with REPLICA IDENTITY DEFAULT.
 pub struct Products;
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -41,7 +43,8 @@ pub struct ProductInfo {
     pub name: String,
     pub category: String,
     pub price: Decimal,
-    /// The product was deleted in Postgres; its last known row is kept.
+    /// The product was deleted in Postgres. A delete needs only the key, so
+    /// a deleted product's row keeps no name, category or price.
     pub deleted: bool,
 }
 
@@ -127,20 +130,28 @@ impl Aggregate for Products {
         let TableChange::Product(c) = change else {
             return Updates::new();
         };
-        let info = |p: &Product, deleted| ProductInfo {
+        let info = |p: &Product| ProductInfo {
             name: p.name.clone(),
             category: p.category.clone(),
             price: p.price,
-            deleted,
+            deleted: false,
         };
         let mut updates = Updates::new();
         match (&c.before, &c.after) {
             (_, Some(after)) => {
                 // A changed primary key shows up as delete + create in Debezium,
                 // so before and after of an update share the id.
-                updates.push((after.id, Update::Set(info(after, false))));
+                updates.push((after.id, Update::Set(info(after))));
             }
-            (Some(before), None) => updates.push((before.id, Update::Set(info(before, true)))),
+            // A delete carries only the key (all REPLICA IDENTITY DEFAULT
+            // gives): the row says deleted and keeps no other value.
+            (Some(key), None) => updates.push((
+                key.id,
+                Update::Set(ProductInfo {
+                    deleted: true,
+                    ..ProductInfo::default()
+                }),
+            )),
             (None, None) => {}
         }
         updates

@@ -168,7 +168,9 @@ pub mod naive {
     use serde_json::Value;
 
     use crate::bench::synthetic::Message;
-    use crate::cdc::{Change, Customer, Op, Order, OrderItem, Product, Table, TableChange};
+    use crate::cdc::{
+        Change, Customer, Op, Order, OrderItem, Product, ProductKey, Table, TableChange,
+    };
     use crate::replay::AllAggregates;
 
     /// Decodes and applies a chunk; returns the messages that did not decode.
@@ -221,7 +223,16 @@ pub mod naive {
             Table::Customers => {
                 TableChange::Customer(change(op, before, after, |v| row.customer(v))?)
             }
-            Table::Products => TableChange::Product(change(op, before, after, |v| row.product(v))?),
+            // The dimension reads only a delete's key of the old row.
+            Table::Products => TableChange::Product(Change {
+                op,
+                before: match op {
+                    Op::Delete => before.map(|v| int(v, "id").map(|id| ProductKey { id })),
+                    _ => None,
+                }
+                .transpose()?,
+                after: after.map(|v| row.product(v)).transpose()?,
+            }),
             Table::Orders => TableChange::Order(change(op, before, after, |v| row.order(v))?),
             Table::OrderItems => {
                 TableChange::OrderItem(change(op, before, after, |v| row.item(v))?)

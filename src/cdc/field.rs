@@ -81,6 +81,39 @@ impl<'a> Row<'a> {
         self.columns.iter().map(|(name, _)| *name)
     }
 
+    /// Whether `column` holds what Debezium writes into a before image where
+    /// it has no value (a column outside REPLICA IDENTITY DEFAULT's key):
+    /// null, false, "", zero in any decimal encoding, or the epoch. A column
+    /// the image lacks counts too. A real value can look like this; the
+    /// caller asks it of every column that would tell.
+    pub fn is_placeholder(&self, column: &str) -> bool {
+        let Ok(raw) = self.raw(column) else {
+            return true;
+        };
+        let zero = || self.decimal(column).is_ok_and(|d| d.is_zero());
+        match raw.as_bytes().first() {
+            Some(b'n') => raw == "null",
+            Some(b'f') => raw == "false",
+            Some(b'-' | b'0'..=b'9' | b'{') => zero(),
+            Some(b'"') => match plain_string(raw) {
+                // Escapes: text that is not a placeholder.
+                None => false,
+                Some("") => true,
+                Some(text) if text.starts_with("1970-01-01T") => self
+                    .timestamp(column)
+                    .is_ok_and(|t| t.timestamp() == 0 && t.timestamp_subsec_nanos() == 0),
+                // "0.00", or a base64 decimal whose scale the schema gives.
+                Some(text) => {
+                    let precise = self
+                        .schema_of(column)
+                        .is_some_and(|c| c.logical.as_deref() == Some(CONNECT_DECIMAL));
+                    (precise || text.bytes().all(|b| b"0123456789.-+eE".contains(&b))) && zero()
+                }
+            },
+            _ => false,
+        }
+    }
+
     fn raw(&self, column: &str) -> Result<&'a str, DecodeError> {
         self.columns
             .iter()
@@ -400,6 +433,62 @@ mod tests {
         .unwrap();
         let row = Row::parse(&raw, None).unwrap();
         assert_eq!(row.decimal("amount").unwrap().to_string(), "-0.001");
+    }
+
+    /// What Debezium writes where a before image has no value, in every
+    /// encoding (tests/fixtures/replica_identity_default_*), and values that
+    /// only look close.
+    #[test]
+    fn placeholders_are_null_false_empty_zero_or_the_epoch() {
+        let decimal_schema = [ColumnSchema {
+            column: "v".into(),
+            logical: Some(CONNECT_DECIMAL.into()),
+            scale: Some(2),
+        }];
+        let is = |raw: &str, schema: Option<&[ColumnSchema]>| {
+            let text = format!(r#"{{"v":{raw}}}"#);
+            let value = RawValue::from_string(text).unwrap();
+            Row::parse(&value, schema).unwrap().is_placeholder("v")
+        };
+        for raw in [
+            "null",
+            "false",
+            r#""""#,
+            "0",
+            "-0",
+            "0.0",
+            "0E-2",
+            r#""0.00""#,
+            r#""0""#,
+            r#""1970-01-01T00:00:00.000000Z""#,
+            r#""1970-01-01T00:00:00Z""#,
+            r#"{"scale":2,"value":"AA=="}"#,
+        ] {
+            assert!(is(raw, None), "{raw}");
+        }
+        assert!(is(r#""AA==""#, Some(&decimal_schema)));
+        assert!(is(r#""AAA=""#, Some(&decimal_schema)));
+        for raw in [
+            "true",
+            "1",
+            "0.01",
+            r#""0.01""#,
+            r#""AA==""#,
+            r#"" ""#,
+            r#""\u0030""#,
+            r#""pending""#,
+            r#""1970-01-01T00:00:00.000001Z""#,
+            r#""1970-01-01""#,
+            r#""2024-02-01T09:00:00Z""#,
+            r#"{"scale":2,"value":"AQ=="}"#,
+            "[]",
+        ] {
+            assert!(!is(raw, None), "{raw}");
+        }
+        assert!(!is(r#""AQ==""#, Some(&decimal_schema)));
+        // A column the image lacks has no value either.
+        let value = RawValue::from_string(r#"{"id":7}"#.into()).unwrap();
+        assert!(Row::parse(&value, None).unwrap().is_placeholder("email"));
     }
 
     #[test]

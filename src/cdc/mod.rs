@@ -13,7 +13,9 @@ mod tables;
 
 pub use envelope::{decode, decode_event, Decoded, Event};
 pub use field::Minute;
-pub use tables::{Customer, Order, OrderItem, Product, TableChange};
+pub use tables::{Customer, Order, OrderItem, Product, ProductKey, TableChange};
+
+use tables::{OldRow, OldRowNeed, SourceRow};
 
 use std::fmt;
 
@@ -52,6 +54,28 @@ impl Table {
     pub fn from_topic(topic: &str, prefix: &str) -> Option<Table> {
         let name = topic.strip_prefix(prefix)?.strip_prefix(".public.")?;
         Table::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// Whether the table's aggregates subtract the old row of an update or a
+    /// delete, and so need the whole of it: Debezium sends that only for a
+    /// table with `REPLICA IDENTITY FULL`. The others (the products
+    /// dimension) need only a delete's key, which `DEFAULT` gives too.
+    pub fn needs_whole_old_row(self) -> bool {
+        fn whole<R: SourceRow>() -> bool {
+            <R::Old as OldRow>::NEED == OldRowNeed::WholeRow
+        }
+        match self {
+            Table::Customers => whole::<Customer>(),
+            Table::Products => whole::<Product>(),
+            Table::Orders => whole::<Order>(),
+            Table::OrderItems => whole::<OrderItem>(),
+        }
+    }
+
+    /// The statement that gives the table the replica identity its
+    /// aggregates need.
+    pub fn replica_identity_fix(self) -> String {
+        format!("ALTER TABLE {self} REPLICA IDENTITY FULL")
     }
 }
 
@@ -107,11 +131,13 @@ impl Op {
 }
 
 /// One row change: the row before and after it, as Debezium sends them.
-/// Create and read carry only `after`, delete only `before`.
+/// Create and read carry only `after`, delete only `before`. `B` is what the
+/// table's aggregates read of the old row: the whole row (`R`) where they
+/// subtract it, less where they do not (see [`TableChange::Product`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Change<R> {
+pub struct Change<R, B = R> {
     pub op: Op,
-    pub before: Option<R>,
+    pub before: Option<B>,
     pub after: Option<R>,
 }
 
@@ -132,7 +158,9 @@ pub enum DecodeErrorKind {
     UnknownOp,
     /// A column is missing or has a value of the wrong type.
     BadField,
-    /// An update or delete without the before image the deltas need.
+    /// An update or delete without the before image the table's aggregates
+    /// need: none at all, or one that holds only the key where they subtract
+    /// the whole old row (the table has REPLICA IDENTITY DEFAULT).
     MissingBefore,
     /// A create, update or read without an after image.
     MissingAfter,
