@@ -162,16 +162,11 @@ impl ClickHouseSink {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
-        // One query for a whole assignment, not one per partition. They are
-        // integers, so they go into the SQL as they are.
-        let list = partitions
-            .iter()
-            .map(i32::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
+        // One query for a whole assignment, not one per partition.
         let sql = format!(
-            "SELECT ?fields FROM {} FINAL WHERE source_partition IN ({list})",
-            A::NAME
+            "SELECT ?fields FROM {} FINAL WHERE source_partition IN ({})",
+            A::NAME,
+            sql_list(partitions)
         );
         let query = self.client.query(&sql);
         let rows: Vec<A::Row> = within(async { Ok(query.fetch_all().await?) }).await?;
@@ -193,16 +188,12 @@ impl ClickHouseSink {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
-        let list = partitions
-            .iter()
-            .map(i32::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
         // No FINAL: any row ever written counts, also one a merge would replace.
         let sql = format!(
             "SELECT source_partition AS partition, max(source_offset) AS offset FROM {} \
-             WHERE source_partition IN ({list}) GROUP BY source_partition",
-            A::NAME
+             WHERE source_partition IN ({}) GROUP BY source_partition",
+            A::NAME,
+            sql_list(partitions)
         );
         let query = self.client.query(&sql);
         let rows: Vec<Highest> = within(async { Ok(query.fetch_all().await?) }).await?;
@@ -211,6 +202,13 @@ impl ClickHouseSink {
             .map(|h| (h.partition as i32, h.offset as i64))
             .collect())
     }
+}
+
+/// Partition numbers for an SQL `IN (...)`: integers, so they go into the
+/// SQL as they are.
+fn sql_list(partitions: &[i32]) -> String {
+    let numbers: Vec<String> = partitions.iter().map(i32::to_string).collect();
+    numbers.join(", ")
 }
 
 /// RowBinaryWithNamesAndTypes, which validation uses, is read correctly by
