@@ -139,23 +139,11 @@ impl ConsumerContext for SourceContext {
                 Err(e) => format!("unknown ({e})"),
             };
             tracing::info!(partitions = tpl.count(), %resume, "partitions assigned");
-            let mut by_topic: BTreeMap<String, Vec<(i32, i64)>> = BTreeMap::new();
-            let mut fatal = None;
-            for e in tpl.elements() {
-                // The log's end, so the runtime can tell a log that started over.
-                let (topic, partition) = (e.topic(), e.partition());
-                match consumer.fetch_watermarks(topic, partition, COMMITTED_TIMEOUT) {
-                    Ok((_, end)) => by_topic
-                        .entry(topic.to_owned())
-                        .or_default()
-                        .push((partition, end)),
-                    Err(err) => {
-                        fatal = Some(anyhow::anyhow!(
-                            "cannot read the end of {topic} partition {partition}: {err}"
-                        ))
-                    }
-                }
-            }
+            // Each log's end, so the runtime can tell a log that started over.
+            let (by_topic, mut fatal) = match log_ends(consumer, tpl) {
+                Ok(ends) => (ends, None),
+                Err(err) => (BTreeMap::new(), Some(err)),
+            };
             for (topic, partitions) in by_topic.into_iter().filter(|_| fatal.is_none()) {
                 if let Err(err) = self.downstream.assigned(&topic, &partitions) {
                     let taken: Vec<i32> = partitions.iter().map(|&(p, _)| p).collect();
@@ -169,6 +157,39 @@ impl ConsumerContext for SourceContext {
             }
         }
     }
+}
+
+/// The end offset of every partition in `tpl` (the offset its next record
+/// will get), by topic, read in one request for the whole assignment.
+fn log_ends(
+    consumer: &BaseConsumer<SourceContext>,
+    tpl: &TopicPartitionList,
+) -> anyhow::Result<BTreeMap<String, Vec<(i32, i64)>>> {
+    let mut latest = TopicPartitionList::new();
+    for e in tpl.elements() {
+        // ListOffsets' timestamp -1 (Offset::End) asks for the latest offset.
+        latest.add_partition_offset(e.topic(), e.partition(), Offset::End)?;
+    }
+    let answered = consumer
+        .offsets_for_times(latest, COMMITTED_TIMEOUT)
+        .context("reading the end offsets of the assigned partitions")?;
+    let mut ends: BTreeMap<String, Vec<(i32, i64)>> = BTreeMap::new();
+    for e in answered.elements() {
+        let (topic, partition) = (e.topic(), e.partition());
+        let end = match (e.error(), e.offset()) {
+            (Ok(()), Offset::Offset(end)) => end,
+            (Err(err), _) => {
+                anyhow::bail!("cannot read the end of {topic} partition {partition}: {err}")
+            }
+            (Ok(()), other) => {
+                anyhow::bail!("the end of {topic} partition {partition} came back as {other:?}")
+            }
+        };
+        ends.entry(topic.to_owned())
+            .or_default()
+            .push((partition, end));
+    }
+    Ok(ends)
 }
 
 /// Gives up `partitions`: the runtime flushes what they fed (unless `lost`)
