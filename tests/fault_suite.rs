@@ -278,6 +278,15 @@ async fn clickhouse_down_for_30s_pauses_the_consumer_and_catches_up() {
     run.set("ETL_SHUTDOWN_TIMEOUT_MS", bound.as_millis());
     let mut processor = run.start_processor();
     let n = run.started;
+    // The outage must come after the start-up loaded the partitions' state
+    // (one line per aggregate): a start that cannot load it stops (exit 1),
+    // which is not what this part tests.
+    eventually(
+        "the new processor to load its partitions",
+        Duration::from_secs(60),
+        || async { (run.log(n).matches("partition state loaded").count() >= 4).then_some(()) },
+    )
+    .await;
     let mut workload = run.start_workload(seed + 1, "--orders 200");
     run.workload_reaches(seed + 1, 20).await;
     run.stack_command(&["stop", "clickhouse", "--kill"]);
