@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::eventually;
-use common::pipeline::{wait, Processor, Run, PARTITIONS, SESSION_TIMEOUT, TABLES};
+use common::pipeline::{
+    wait, Processor, Run, StartedAgainOnFailure, PARTITIONS, SESSION_TIMEOUT, TABLES,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -235,6 +237,7 @@ async fn clickhouse_down_for_30s_pauses_the_consumer_and_catches_up() {
     let mut workload = run.start_workload(seed, "--orders 1500");
     run.workload_reaches(seed, 100).await;
     run.stack_command(&["stop", "clickhouse", "--kill"]);
+    let _started_again = StartedAgainOnFailure("clickhouse");
     let stopped = Instant::now();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_early = processor.rss_kib();
@@ -290,6 +293,7 @@ async fn clickhouse_down_for_30s_pauses_the_consumer_and_catches_up() {
     let mut workload = run.start_workload(seed + 1, "--orders 200");
     run.workload_reaches(seed + 1, 20).await;
     run.stack_command(&["stop", "clickhouse", "--kill"]);
+    let _started_again = StartedAgainOnFailure("clickhouse");
     eventually("an insert to fail", Duration::from_secs(30), || async {
         run.log(n).contains("insert failed; retrying").then_some(())
     })
@@ -326,6 +330,7 @@ async fn a_broker_restart_mid_workload_loses_nothing() {
     let mut workload = run.start_workload(seed, "--orders 600");
     run.workload_reaches(seed, 100).await;
     run.stack_command(&["stop", "broker", "--kill"]);
+    let _started_again = StartedAgainOnFailure("broker");
     tokio::time::sleep(Duration::from_secs(5)).await;
     run.stack_command(&["start", "broker"]);
     wait(&mut workload, "workload");

@@ -367,6 +367,20 @@ impl Run {
     }
 }
 
+/// Starts a stack component again if the test fails while it is stopped, so
+/// that the tests after it do not all fail on a service left down.
+pub struct StartedAgainOnFailure(pub &'static str);
+
+impl Drop for StartedAgainOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new(repo_root().join("scripts/stack"))
+                .args(["start", self.0])
+                .status();
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TopicRecord {
     pub partition: i32,
