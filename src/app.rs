@@ -59,6 +59,13 @@ pub fn run<S: Display>(config: Config, stop: impl Future<Output = S>) -> anyhow:
         let sink = ClickHouseSink::connect(&config.clickhouse)
             .await
             .context("connecting to ClickHouse (setting ETL_CLICKHOUSE_URL)")?;
+        let added = sink
+            .add_missing_columns()
+            .await
+            .context("adding the schema's new columns to the analytics tables")?;
+        if !added.is_empty() {
+            tracing::warn!(?added, "added the columns this release needs to tables created by an older one");
+        }
         let dead_letters = DeadLetters::new(&config.kafka.brokers, &config.dead_letter_topic)
             .context("creating the dead-letter producer (setting ETL_KAFKA_BROKERS)")?;
         let (commits, commits_rx) = std::sync::mpsc::channel();

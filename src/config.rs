@@ -120,6 +120,9 @@ pub struct FaultConfig {
     /// Test only: applies replayed events again (no offset guard), to show
     /// that the fault tests would catch double counting.
     pub no_offset_guard: bool,
+    /// Test only: applies events the source sent again at new offsets (no
+    /// position guard), to show that the upstream tests would catch it.
+    pub no_position_guard: bool,
     pub seed: u64,
 }
 
@@ -377,6 +380,7 @@ const KNOWN: &[&str] = &[
     "ETL_FAULT_INSERT_FAILURE_RATE",
     "ETL_FAULT_FLUSH_DELAY_MS",
     "ETL_FAULT_NO_OFFSET_GUARD",
+    "ETL_FAULT_NO_POSITION_GUARD",
     "ETL_FAULT_SEED",
     "ETL_METRICS_ADDR",
     "ETL_OTEL_ENDPOINT",
@@ -488,6 +492,7 @@ impl Config {
                 insert_failure_rate: s.rate("ETL_FAULT_INSERT_FAILURE_RATE")?,
                 flush_delay: s.millis("ETL_FAULT_FLUSH_DELAY_MS", 0, 0, 600_000)?,
                 no_offset_guard: s.parsed("ETL_FAULT_NO_OFFSET_GUARD", false, |_| Ok(()))?,
+                no_position_guard: s.parsed("ETL_FAULT_NO_POSITION_GUARD", false, |_| Ok(()))?,
                 seed: s.parsed("ETL_FAULT_SEED", 0, |_| Ok(()))?,
             },
             dead_letter_topic: s.string(

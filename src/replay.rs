@@ -14,9 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::aggregate::{
-    Aggregate, AggregateState, CustomersByMinute, OrdersByMinute, ProductSales, Products,
+    Aggregate, AggregateState, Applied, CustomersByMinute, OrdersByMinute, ProductSales, Products,
+    Unplaceable,
 };
-use crate::cdc::{self, Decoded, Table, TableChange};
+use crate::cdc::{self, Decoded, Origin, Table, TableChange};
 use crate::telemetry;
 
 /// The state of every aggregate, fed from one stream of events.
@@ -29,13 +30,20 @@ pub struct AllAggregates {
 }
 
 impl AllAggregates {
-    pub fn apply(&mut self, partition: i32, offset: i64, change: &TableChange) {
-        let _applied = match change {
-            TableChange::Order(_) => self.orders_by_minute.apply(partition, offset, change),
-            TableChange::OrderItem(_) => self.product_sales.apply(partition, offset, change),
-            TableChange::Customer(_) => self.customers_by_minute.apply(partition, offset, change),
-            TableChange::Product(_) => self.products.apply(partition, offset, change),
-        };
+    pub fn apply(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        origin: Origin,
+        change: &TableChange,
+    ) -> Result<Applied, Unplaceable> {
+        let (p, o) = (partition, offset);
+        match change {
+            TableChange::Order(_) => self.orders_by_minute.apply(p, o, origin, change),
+            TableChange::OrderItem(_) => self.product_sales.apply(p, o, origin, change),
+            TableChange::Customer(_) => self.customers_by_minute.apply(p, o, origin, change),
+            TableChange::Product(_) => self.products.apply(p, o, origin, change),
+        }
     }
 
     /// The report lines: aggregates in name order, keys ascending, rows whose
@@ -121,6 +129,9 @@ pub struct ReplaySummary {
     pub tombstones: u64,
     pub truncates: u64,
     pub other_topics: u64,
+    /// Changes the source sent again (a position already applied): left
+    /// out, as the pipeline leaves them out.
+    pub repeats: u64,
     /// Events the pipeline would send to the dead-letter topic, by reason.
     pub dead_letters: BTreeMap<&'static str, u64>,
 }
@@ -181,9 +192,14 @@ pub fn replay(
         };
         let value = record.value.map(|v| v.get().as_bytes());
         match cdc::decode(table, value) {
-            Ok(Decoded::Change(change)) => {
-                all.apply(0, index as i64, &change);
+            Ok(Decoded::Change(change, origin)) => {
+                // One partition per topic, in the file's order: the order
+                // the connector delivered them in.
+                let applied = all
+                    .apply(0, index as i64, origin, &change)
+                    .with_context(|| format!("line {number}"))?;
                 summary.changes += 1;
+                summary.repeats += u64::from(applied.redelivered);
             }
             Ok(Decoded::Tombstone) => summary.tombstones += 1,
             Ok(Decoded::Truncate) => {

@@ -5,8 +5,8 @@ mod common;
 
 use std::str::FromStr;
 
-use etl::aggregate::{OrderTotals, OrdersByMinute, ProductInfo, Products, StoredRow};
-use etl::cdc::Minute;
+use etl::aggregate::{OrderTotals, OrdersByMinute, ProductInfo, Products, SourceMark, StoredRow};
+use etl::cdc::{Minute, Position};
 use rust_decimal::Decimal;
 
 fn dec(s: &str) -> Decimal {
@@ -19,6 +19,17 @@ async fn rows_round_trip_and_the_highest_offset_wins() {
     let stack = common::Stack::load();
     let sink = common::fresh_analytics_db(&stack, "sink_roundtrip").await;
     let minute = Minute(1_706_778_000);
+    // The source mark travels with the row: several source rows at one
+    // position (a COPY page), and a position past 2^32.
+    let mark = |offset: i64| SourceMark {
+        snapshot: 26_497_000,
+        snapshot_offset: 1,
+        position: Position {
+            commit: 5_000_000_000 + offset as u64,
+            lsn: 5_000_000_100,
+        },
+        rows: vec![offset, 1 << 40].into(),
+    };
     let row = |partition, orders, revenue: &str, offset| StoredRow {
         key: (minute, "paid".to_string()),
         partition,
@@ -27,6 +38,7 @@ async fn rows_round_trip_and_the_highest_offset_wins() {
             revenue: dec(revenue),
         },
         offset,
+        mark: mark(offset),
     };
     // Partition 0 writes its running total three times (a replay writes an
     // older one again, last); partition 1 once.
@@ -84,12 +96,15 @@ async fn products_dimension_keeps_text_and_deletion() {
             partition: 2,
             value: info("Espresso ☕", false),
             offset: 10,
+            // The dimension keeps no mark (it needs no source guard).
+            mark: SourceMark::default(),
         },
         StoredRow {
             key: 2,
             partition: 2,
             value: info("Gone", true),
             offset: 11,
+            mark: SourceMark::default(),
         },
     ];
     sink.write::<Products>(&rows).await.unwrap();

@@ -14,14 +14,14 @@ use etl::reconcile::{
 /// a row rewritten with a higher offset, an older row written again after it
 /// (a replay), rows gone to zero, a deleted product.
 const ROWS: &[&str] = &[
-    "INSERT INTO orders_by_minute VALUES ('2024-02-01 09:00:00', 'paid', 0, 1, 45.48, 3)",
-    "INSERT INTO orders_by_minute VALUES ('2024-02-01 09:00:00', 'paid', 0, 2, 90.96, 7)",
-    "INSERT INTO orders_by_minute VALUES ('2024-02-01 09:00:00', 'paid', 1, 1, 0.01, 2)",
-    "INSERT INTO orders_by_minute VALUES ('2024-02-01 09:00:00', 'paid', 0, 1, 45.48, 3)",
-    "INSERT INTO orders_by_minute VALUES ('2024-02-01 09:01:00', 'pending', 2, 0, 0, 9)",
-    "INSERT INTO product_sales VALUES (5, 0, 2, 39.98, 1, 4), (5, 3, 1, 19.99, 1, 8), (6, 1, 0, 0, 0, 5)",
-    "INSERT INTO customers_by_minute VALUES ('2024-01-02 10:00:00', 0, 2, 1), ('2024-01-02 10:00:00', 1, 1, 6)",
-    "INSERT INTO customers_by_minute VALUES ('2024-01-02 10:00:00', 0, 3, 9)",
+    "INSERT INTO orders_by_minute (minute, status, source_partition, orders, revenue, source_offset) VALUES ('2024-02-01 09:00:00', 'paid', 0, 1, 45.48, 3)",
+    "INSERT INTO orders_by_minute (minute, status, source_partition, orders, revenue, source_offset) VALUES ('2024-02-01 09:00:00', 'paid', 0, 2, 90.96, 7)",
+    "INSERT INTO orders_by_minute (minute, status, source_partition, orders, revenue, source_offset) VALUES ('2024-02-01 09:00:00', 'paid', 1, 1, 0.01, 2)",
+    "INSERT INTO orders_by_minute (minute, status, source_partition, orders, revenue, source_offset) VALUES ('2024-02-01 09:00:00', 'paid', 0, 1, 45.48, 3)",
+    "INSERT INTO orders_by_minute (minute, status, source_partition, orders, revenue, source_offset) VALUES ('2024-02-01 09:01:00', 'pending', 2, 0, 0, 9)",
+    "INSERT INTO product_sales (product_id, source_partition, units, revenue, lines, source_offset) VALUES (5, 0, 2, 39.98, 1, 4), (5, 3, 1, 19.99, 1, 8), (6, 1, 0, 0, 0, 5)",
+    "INSERT INTO customers_by_minute (minute, source_partition, customers, source_offset) VALUES ('2024-01-02 10:00:00', 0, 2, 1), ('2024-01-02 10:00:00', 1, 1, 6)",
+    "INSERT INTO customers_by_minute (minute, source_partition, customers, source_offset) VALUES ('2024-01-02 10:00:00', 0, 3, 9)",
     "INSERT INTO products VALUES (1, 0, 'Espresso', 'coffee', 19.99, 0, 3), (2, 1, 'Kettle', 'equipment', 45, 1, 4)",
     "INSERT INTO products VALUES (1, 0, 'Espresso beans', 'coffee', 21.50, 0, 8)",
 ];

@@ -518,21 +518,21 @@ fn referenced_metrics_strips_histogram_suffixes_only_at_name_boundaries() {
 /// with a higher offset, zero rows, a cancelled order, a deleted product,
 /// data outside the range.
 const FIXTURE_ROWS: &[&str] = &[
-    "INSERT INTO analytics.orders_by_minute VALUES ('2024-02-01 09:00:00', 'paid', 0, 1, 45.48, 3)",
-    "INSERT INTO analytics.orders_by_minute VALUES ('2024-02-01 09:00:00', 'paid', 0, 2, 90.96, 7)",
-    "INSERT INTO analytics.orders_by_minute VALUES ('2024-02-01 09:00:00', 'paid', 1, 1, 0.05, 4)",
-    "INSERT INTO analytics.orders_by_minute VALUES ('2024-02-01 09:00:00', 'cancelled', 2, 1, 10.01, 2)",
-    "INSERT INTO analytics.orders_by_minute VALUES ('2024-02-01 09:01:00', 'pending', 2, 0, 0, 9)",
-    "INSERT INTO analytics.orders_by_minute VALUES ('2024-02-01 09:03:00', 'pending', 3, 2, 33.33, 5)",
-    "INSERT INTO analytics.orders_by_minute VALUES ('2024-02-01 09:58:00', 'shipped', 2, 3, 10.00, 10)",
-    "INSERT INTO analytics.orders_by_minute VALUES ('2024-02-01 07:00:00', 'paid', 0, 5, 500.00, 11)",
-    "INSERT INTO analytics.product_sales VALUES (5, 0, 2, 39.98, 1, 4), (5, 3, 1, 19.99, 1, 8), \
+    "INSERT INTO analytics.orders_by_minute (minute, status, source_partition, orders, revenue, source_offset) VALUES ('2024-02-01 09:00:00', 'paid', 0, 1, 45.48, 3)",
+    "INSERT INTO analytics.orders_by_minute (minute, status, source_partition, orders, revenue, source_offset) VALUES ('2024-02-01 09:00:00', 'paid', 0, 2, 90.96, 7)",
+    "INSERT INTO analytics.orders_by_minute (minute, status, source_partition, orders, revenue, source_offset) VALUES ('2024-02-01 09:00:00', 'paid', 1, 1, 0.05, 4)",
+    "INSERT INTO analytics.orders_by_minute (minute, status, source_partition, orders, revenue, source_offset) VALUES ('2024-02-01 09:00:00', 'cancelled', 2, 1, 10.01, 2)",
+    "INSERT INTO analytics.orders_by_minute (minute, status, source_partition, orders, revenue, source_offset) VALUES ('2024-02-01 09:01:00', 'pending', 2, 0, 0, 9)",
+    "INSERT INTO analytics.orders_by_minute (minute, status, source_partition, orders, revenue, source_offset) VALUES ('2024-02-01 09:03:00', 'pending', 3, 2, 33.33, 5)",
+    "INSERT INTO analytics.orders_by_minute (minute, status, source_partition, orders, revenue, source_offset) VALUES ('2024-02-01 09:58:00', 'shipped', 2, 3, 10.00, 10)",
+    "INSERT INTO analytics.orders_by_minute (minute, status, source_partition, orders, revenue, source_offset) VALUES ('2024-02-01 07:00:00', 'paid', 0, 5, 500.00, 11)",
+    "INSERT INTO analytics.product_sales (product_id, source_partition, units, revenue, lines, source_offset) VALUES (5, 0, 2, 39.98, 1, 4), (5, 3, 1, 19.99, 1, 8), \
      (6, 1, 0, 0, 0, 5), (7, 1, 3, 59.97, 2, 5), (8, 2, 1, 5.01, 1, 3)",
     "INSERT INTO analytics.products VALUES (5, 0, 'Espresso', 'coffee', 19.99, 0, 3), \
      (6, 1, 'Kettle', 'equipment', 45, 1, 4), (7, 1, 'Mug', 'accessories', 19.99, 0, 4), \
      (8, 2, 'Filters', 'coffee', 5.01, 0, 1)",
     "INSERT INTO analytics.products VALUES (5, 0, 'Espresso beans', 'coffee', 21.50, 0, 9)",
-    "INSERT INTO analytics.customers_by_minute VALUES ('2024-02-01 09:00:00', 0, 2, 1), \
+    "INSERT INTO analytics.customers_by_minute (minute, source_partition, customers, source_offset) VALUES ('2024-02-01 09:00:00', 0, 2, 1), \
      ('2024-02-01 09:00:00', 1, 1, 6), ('2024-02-01 09:30:00', 2, 1, 1), ('2024-01-01 09:00:00', 0, 7, 1)",
 ];
 

@@ -136,7 +136,7 @@ fn expected_counts(run: &Run) -> (BTreeMap<(String, String), u64>, BTreeMap<Stri
         let table = Table::ALL.into_iter().find(|t| t.name() == name).unwrap();
         for record in run.read_topic(&run.table_topic(name), PARTITIONS) {
             let op = match cdc::decode(table, record.value.as_deref()) {
-                Ok(Decoded::Change(change)) => change.op().label(),
+                Ok(Decoded::Change(change, _)) => change.op().label(),
                 Ok(Decoded::Truncate) => "truncate",
                 Ok(Decoded::Tombstone) => continue,
                 Err(e) => {

@@ -133,7 +133,8 @@ async fn aggregates_are_exact_after_a_workload_a_sigkill_and_a_rebalance() {
     let sink = run.sink().await;
     sink.client()
         .query(
-            "INSERT INTO orders_by_minute SELECT minute, status, source_partition, orders, \
+            "INSERT INTO orders_by_minute (minute, status, source_partition, orders, revenue, \
+             source_offset) SELECT minute, status, source_partition, orders, \
              revenue + toDecimal64(0.01, 2), source_offset + 1000000 FROM orders_by_minute FINAL \
              WHERE orders > 0 ORDER BY minute, status, source_partition LIMIT 1",
         )

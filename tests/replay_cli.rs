@@ -82,7 +82,7 @@ fn temp_capture(name: &str, text: &str) -> std::path::PathBuf {
 #[test]
 fn an_undecodable_event_is_a_dead_letter_and_the_replay_goes_on() {
     let bad = r#"{"topic":"online_store.public.orders","key":null,"value":{"op":"c","after":{"id":"x"}}}"#;
-    let good = r#"{"topic":"online_store.public.customers","key":{"id":1},"value":{"before":null,"after":{"id":1,"email":"a@b.c","full_name":"A","created_at":"2024-01-02T10:00:00Z"},"op":"c"}}"#;
+    let good = r#"{"topic":"online_store.public.customers","key":{"id":1},"value":{"before":null,"after":{"id":1,"email":"a@b.c","full_name":"A","created_at":"2024-01-02T10:00:00Z"},"op":"c","source":{"sequence":"[null,\"7\"]","lsn":7}}}"#;
     let path = temp_capture("bad", &format!("{bad}\n{good}\n{bad}\n"));
     let (code, stdout, stderr) = replay_file(&path);
     std::fs::remove_file(&path).ok();
@@ -193,4 +193,33 @@ fn a_capture_without_dead_letters_exits_0_and_says_nothing() {
     assert_eq!(code, Some(0));
     assert_eq!(stdout, expected());
     assert_eq!(stderr, "");
+}
+
+/// A real redelivery: the engine was SIGKILLed before it stored its offsets
+/// and sent 4 transactions again (docs/SOURCE-POSITIONS.md, 6a). Replayed
+/// after the first delivery, as a consumer reads them, they change nothing:
+/// their positions were applied already.
+#[test]
+fn events_the_connector_sent_again_after_a_kill_change_nothing() {
+    let first =
+        std::fs::read_to_string(common::fixture("positions/streaming-txmeta.jsonl")).unwrap();
+    let again =
+        std::fs::read_to_string(common::fixture("positions/redelivered-after-sigkill.jsonl"))
+            .unwrap();
+    let once = temp_capture("delivered-once", &first);
+    let twice = temp_capture("delivered-twice", &format!("{first}{again}"));
+    let (code, expected, _) = replay_file(&once);
+    assert_eq!(code, Some(0));
+    let (code, out, err) = replay_file(&twice);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, expected);
+    // The redelivered transactions touch orders and order items: without
+    // the positions they would have counted again.
+    assert!(
+        out.contains(r#""aggregate":"orders_by_minute""#)
+            && out.contains(r#""aggregate":"product_sales""#),
+        "{out}"
+    );
+    let _ = std::fs::remove_file(once);
+    let _ = std::fs::remove_file(twice);
 }

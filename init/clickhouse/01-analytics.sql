@@ -5,6 +5,12 @@
 -- the last event applied to them. ReplacingMergeTree keeps the row with the
 -- highest offset, so a replayed batch rewrites the same values and nothing is
 -- counted twice. Read with FINAL (or argMax) and sum over source_partition.
+--
+-- The sums also keep, in every row, how far into Postgres's log the
+-- partition had been applied when the row was written (source_snapshot,
+-- source_snapshot_offset, source_commit, source_lsn, source_rows): what recognises an event Debezium
+-- sends again at a new offset. The processor adds these columns to tables
+-- created before them.
 CREATE DATABASE IF NOT EXISTS analytics;
 
 -- Orders by (minute of created_at, UTC; status): count and sum(total_amount).
@@ -15,7 +21,12 @@ CREATE TABLE IF NOT EXISTS analytics.orders_by_minute
     source_partition UInt32,
     orders           Int64,
     revenue          Decimal(18, 2),
-    source_offset    UInt64
+    source_offset    UInt64,
+    source_snapshot  UInt64,
+    source_snapshot_offset UInt64,
+    source_commit    UInt64,
+    source_lsn       UInt64,
+    source_rows      Array(Int64)
 )
 ENGINE = ReplacingMergeTree(source_offset)
 PARTITION BY toYYYYMM(minute)
@@ -29,7 +40,12 @@ CREATE TABLE IF NOT EXISTS analytics.product_sales
     units            Int64,
     revenue          Decimal(18, 2),
     lines            Int64,
-    source_offset    UInt64
+    source_offset    UInt64,
+    source_snapshot  UInt64,
+    source_snapshot_offset UInt64,
+    source_commit    UInt64,
+    source_lsn       UInt64,
+    source_rows      Array(Int64)
 )
 ENGINE = ReplacingMergeTree(source_offset)
 ORDER BY (product_id, source_partition);
@@ -40,7 +56,12 @@ CREATE TABLE IF NOT EXISTS analytics.customers_by_minute
     minute           DateTime('UTC'),
     source_partition UInt32,
     customers        Int64,
-    source_offset    UInt64
+    source_offset    UInt64,
+    source_snapshot  UInt64,
+    source_snapshot_offset UInt64,
+    source_commit    UInt64,
+    source_lsn       UInt64,
+    source_rows      Array(Int64)
 )
 ENGINE = ReplacingMergeTree(source_offset)
 PARTITION BY toYYYYMM(minute)

@@ -12,7 +12,7 @@ use super::faults::PanicInjector;
 use super::sink::{SinkActor, Write};
 use super::supervisor::Supervised;
 use crate::aggregate::AggregateState;
-use crate::cdc::TableChange;
+use crate::cdc::{Origin, TableChange};
 use crate::config::{FaultConfig, FlushConfig};
 use crate::restart::ActorKind;
 use crate::sink::{ClickHouseSink, SinkTable};
@@ -27,15 +27,16 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease(u64);
 
-/// Decoded changes of one partition, in offset order. `last_offset` is the
-/// offset of the batch's last record, change or not.
+/// Decoded changes of one partition, in offset order, each with its offset
+/// and its origin in the source. `last_offset` is the offset of the batch's
+/// last record, change or not.
 #[derive(Message)]
 #[rtype(result = "Result<(), StaleLease>")]
 pub struct ApplyChanges {
     pub partition: i32,
     pub lease: Lease,
     pub last_offset: i64,
-    pub changes: Vec<(i64, TableChange)>,
+    pub changes: Vec<(i64, Origin, TableChange)>,
     /// When the newest event of the batch was committed in Postgres.
     pub newest_committed_ms: Option<i64>,
     pub queued: Queued,
@@ -127,6 +128,9 @@ impl<A: SinkTable> AggregatorActor<A> {
         let mut state = AggregateState::default();
         if faults.no_offset_guard {
             state = state.without_offset_guard();
+        }
+        if faults.no_position_guard {
+            state = state.without_position_guard();
         }
         AggregatorActor {
             topic,
@@ -303,6 +307,15 @@ impl<A: SinkTable> ActorFuture<AggregatorActor<A>> for Settled {
     }
 }
 
+/// An event that cannot be placed in its partition's history: counting on
+/// could be wrong either way, and a restart would meet it again, so stop
+/// with the code of a source that started over.
+fn unplaceable(error: &crate::aggregate::Unplaceable) -> ! {
+    crate::telemetry::log_summary();
+    tracing::error!(%error, "an event cannot be placed in its partition's history; exiting (README, \"The source started over\")");
+    std::process::exit(i32::from(crate::source::continuity::EXIT_LOG_STARTED_OVER))
+}
+
 /// Exit code when an aggregate holds a value its table cannot store.
 pub const EXIT_UNSTORABLE: i32 = 3;
 
@@ -332,11 +345,27 @@ impl<A: SinkTable> Handler<ApplyChanges> for AggregatorActor<A> {
         }
         self.panics.maybe_panic(A::NAME);
         let _span = tracing::info_span!(parent: &batch.span, "aggregate", aggregate = A::NAME, changes = batch.changes.len()).entered();
-        for (offset, change) in &batch.changes {
-            let applied = self.state.apply(batch.partition, *offset, change);
+        for (offset, origin, change) in &batch.changes {
+            let applied = match self.state.apply(batch.partition, *offset, *origin, change) {
+                Ok(applied) => applied,
+                Err(e) => unplaceable(&e),
+            };
             self.updated_since_flush += applied.keys_updated as usize;
             if applied.keys_skipped > 0 {
                 telemetry::replay_skipped(A::NAME, applied.keys_skipped.into());
+            }
+            if applied.redelivered {
+                telemetry::source_repeat(A::NAME);
+            }
+            if applied.new_snapshot {
+                telemetry::new_snapshot(A::NAME);
+                tracing::warn!(
+                    aggregate = A::NAME,
+                    partition = batch.partition,
+                    offset,
+                    ?origin,
+                    "a new snapshot of the source begins: it replaces the partition's rows"
+                );
             }
         }
         self.state.observe(batch.partition, batch.last_offset);

@@ -154,9 +154,9 @@ impl Handler<Decode> for PartitionActor {
             };
             newest_committed_ms = newest_committed_ms.max(event.committed_at_ms);
             match event.decoded {
-                Decoded::Change(change) => {
+                Decoded::Change(change, origin) => {
                     by_op.add(change.op().label());
-                    changes.push((record.offset, change));
+                    changes.push((record.offset, origin, change));
                 }
                 Decoded::Tombstone => {}
                 Decoded::Truncate => {

@@ -17,7 +17,7 @@ pub use kinds::{
     CustomerTotals, CustomersByMinute, OrderTotals, OrdersByMinute, ProductInfo, ProductSales,
     Products, SalesTotals,
 };
-pub use state::{AggregateState, StoredRow};
+pub use state::{AggregateState, Applied, SourceMark, StoredRow, Unplaceable};
 
 use std::fmt::Debug;
 use std::hash::Hash;

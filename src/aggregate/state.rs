@@ -1,10 +1,16 @@
-//! Keyed aggregate state with a per-(key, partition) offset guard.
+//! Keyed aggregate state with two guards against counting an event twice:
+//! per (key, partition), the Kafka offset of the last event applied (a
+//! replay of the partition after a restart or a rewind), and per partition,
+//! the source position reached (Debezium sending events again at new
+//! offsets, see [`SourceMark`]).
 
+use std::cmp::Ordering;
 use std::collections::hash_map::Entry as Slot;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use super::{Aggregate, Measure, Offset, Partition};
-use crate::cdc::TableChange;
+use crate::cdc::{Origin, Position, TableChange};
 
 #[derive(Debug, Clone)]
 struct Entry<V> {
@@ -50,6 +56,44 @@ pub struct StoredRow<K, V> {
     pub partition: Partition,
     pub value: V,
     pub offset: Offset,
+    /// How far into the source the partition's rows reached when this row
+    /// was written: stored with every row, so it is in the same INSERT as
+    /// the rows it covers.
+    pub mark: SourceMark,
+}
+
+/// How far into the source's log a partition's events have been applied.
+///
+/// Debezium delivers whole transactions in commit order, so a partition's
+/// streamed changes come in non-decreasing [`Position`] order; a position
+/// repeats only for the rows of one WAL record (a COPY page), which have
+/// distinct primary keys. So a change was already applied exactly when its
+/// position is below `position`, or equal to it with its row among `rows`
+/// (ARCHITECTURE.md, "Exactly once from Postgres").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceMark {
+    /// The LSN of the snapshot the rows start from (0: none seen yet).
+    pub snapshot: u64,
+    /// The offset of that snapshot's first row in the partition: events
+    /// before it belong to what the snapshot replaced.
+    pub snapshot_offset: Offset,
+    /// The position of the last streamed change applied (zero: none since
+    /// the snapshot).
+    pub position: Position,
+    /// The primary keys of the source rows applied at exactly `position`.
+    pub rows: Arc<[i64]>,
+}
+
+/// An event the state cannot place in its partition's history. Counting it
+/// could be wrong either way, so it stops the pipeline (see the README,
+/// "The source started over").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{aggregate}: partition {partition} offset {offset}: {why}")]
+pub struct Unplaceable {
+    pub aggregate: &'static str,
+    pub partition: Partition,
+    pub offset: Offset,
+    pub why: String,
 }
 
 /// The maps' hasher: foldhash (seeded per map, like std's SipHash, but a
@@ -68,6 +112,14 @@ struct PartitionState<K, V> {
     /// The highest offset handed to this state (applied, skipped, or without
     /// effect): what a flush makes safe to commit. None until an event came.
     watermark: Option<Offset>,
+    /// The highest offset among the rows loaded from the sink: events up to
+    /// it were handled by an earlier owner, and are a replay.
+    loaded_to: Option<Offset>,
+    snapshot: u64,
+    snapshot_offset: Offset,
+    position: Position,
+    /// Kept small: more than one only inside a COPY page.
+    rows_at_position: Vec<i64>,
 }
 
 impl<K, V> Default for PartitionState<K, V> {
@@ -75,21 +127,82 @@ impl<K, V> Default for PartitionState<K, V> {
         PartitionState {
             rows: HashMap::default(),
             watermark: None,
+            loaded_to: None,
+            snapshot: 0,
+            snapshot_offset: 0,
+            position: Position::default(),
+            rows_at_position: Vec::new(),
         }
+    }
+}
+
+impl<K, V: Default> PartitionState<K, V> {
+    /// Whether the streamed change of source row `row` at `position` was
+    /// applied already.
+    fn seen(&self, position: Position, row: i64) -> bool {
+        match position.cmp(&self.position) {
+            Ordering::Less => true,
+            Ordering::Equal => self.rows_at_position.contains(&row),
+            Ordering::Greater => false,
+        }
+    }
+
+    fn advance(&mut self, position: Position, row: i64) {
+        if position > self.position {
+            self.position = position;
+            self.rows_at_position.clear();
+        }
+        if position == self.position && !self.rows_at_position.contains(&row) {
+            self.rows_at_position.push(row);
+        }
+    }
+
+    /// Whether the rows came with a mark: rows written before marks existed
+    /// (or never) say nothing about positions.
+    fn has_mark(&self) -> bool {
+        self.snapshot != 0 || self.position != Position::default()
+    }
+
+    fn mark(&self) -> SourceMark {
+        SourceMark {
+            snapshot: self.snapshot,
+            snapshot_offset: self.snapshot_offset,
+            position: self.position,
+            rows: self.rows_at_position.as_slice().into(),
+        }
+    }
+
+    /// A new snapshot replaces everything the partition's rows hold: they
+    /// start again from zero just before `offset`, the snapshot's first row.
+    fn start_snapshot(&mut self, lsn: u64, offset: Offset) {
+        for entry in self.rows.values_mut() {
+            entry.value = V::default();
+            entry.stamp = Stamp::changed(entry.stamp.offset().max(offset - 1));
+        }
+        self.snapshot = lsn;
+        self.snapshot_offset = offset;
+        self.position = Position::default();
+        self.rows_at_position.clear();
     }
 }
 
 /// The running state of one aggregate over the partitions this process owns.
 pub struct AggregateState<A: Aggregate> {
     partitions: HashMap<Partition, PartitionState<A::Key, A::Value>, Hasher>,
+    /// The newest snapshot any partition has seen: a partition that goes on
+    /// to stream without having seen it had no rows in it.
+    latest_snapshot: u64,
     offset_guard: bool,
+    position_guard: bool,
 }
 
 impl<A: Aggregate> Default for AggregateState<A> {
     fn default() -> Self {
         AggregateState {
             partitions: HashMap::default(),
+            latest_snapshot: 0,
             offset_guard: true,
+            position_guard: true,
         }
     }
 }
@@ -100,6 +213,11 @@ pub struct Applied {
     pub keys_updated: u32,
     /// Keys whose stored offset already covers the event (a replay).
     pub keys_skipped: u32,
+    /// The event is one the source sent again, at a new offset.
+    pub redelivered: bool,
+    /// The event is the first of a new snapshot, which replaced the
+    /// partition's rows.
+    pub new_snapshot: bool,
 }
 
 impl<A: Aggregate> AggregateState<A> {
@@ -110,12 +228,113 @@ impl<A: Aggregate> AggregateState<A> {
         self
     }
 
-    /// Applies the change at `offset` of `partition` to every key it touches
-    /// whose stored offset is below `offset`.
-    pub fn apply(&mut self, partition: Partition, offset: Offset, change: &TableChange) -> Applied {
+    /// Test only (`ETL_FAULT_NO_POSITION_GUARD`): applies events the source
+    /// sent again, which the upstream tests must catch as double counting.
+    pub fn without_position_guard(mut self) -> Self {
+        self.position_guard = false;
+        self
+    }
+
+    /// Applies the change at `offset` of `partition`, which comes from
+    /// `origin` in the source, to every key it touches whose stored offset
+    /// is below `offset`, unless the source sent it before.
+    ///
+    /// A dimension (`!A::KEEPS_STORED_ROWS`) needs neither source guard:
+    /// its newest row wins, and a repeat comes with every later change after
+    /// it, in order.
+    pub fn apply(
+        &mut self,
+        partition: Partition,
+        offset: Offset,
+        origin: Origin,
+        change: &TableChange,
+    ) -> Result<Applied, Unplaceable> {
         let offset_guard = self.offset_guard;
+        let position_guard = self.position_guard;
+        let latest_snapshot = self.latest_snapshot;
         let state = self.observed(partition, offset);
         let mut applied = Applied::default();
+        // At or below the highest offset loaded: the earlier owner of the
+        // partition handled the event. If it came after the snapshot the
+        // rows start from, the loaded mark must cover its place, unless the
+        // log under the offsets is another one. Before that snapshot, it
+        // belongs to what the snapshot replaced: the offset guard skips it.
+        let replay = state.loaded_to.is_some_and(|to| offset <= to);
+        let checked_replay = replay && state.has_mark() && offset >= state.snapshot_offset;
+        let unplaceable = |why: String| Unplaceable {
+            aggregate: A::NAME,
+            partition,
+            offset,
+            why,
+        };
+        match origin {
+            _ if !A::KEEPS_STORED_ROWS => {}
+            Origin::Stream(_) if replay && !checked_replay => {}
+            Origin::Stream(position) => {
+                let row = change.row_id();
+                let seen = state.seen(position, row);
+                if checked_replay && !seen && position_guard {
+                    return Err(unplaceable(format!(
+                        "the offset was counted before, but its event (position {position}, row \
+                         {row}) is past what the partition's rows hold ({}): the topic started over",
+                        state.position
+                    )));
+                }
+                if seen && position_guard {
+                    if replay {
+                        applied.keys_skipped = A::updates(change).len() as u32;
+                    } else {
+                        applied.redelivered = true;
+                    }
+                    return Ok(applied);
+                }
+                if state.position == Position::default() && state.snapshot < latest_snapshot {
+                    // The snapshot started over and sent this partition no
+                    // rows: the table had none of its keys by then.
+                    state.start_snapshot(latest_snapshot, offset);
+                    applied.new_snapshot = true;
+                }
+                state.advance(position, row);
+            }
+            Origin::Snapshot { lsn } if replay => {
+                if checked_replay && lsn != state.snapshot {
+                    return Err(unplaceable(format!(
+                        "the offset was counted before, but its event is a row of the snapshot \
+                         at LSN {lsn}, where the rows start from the one at LSN {}: the topic \
+                         started over",
+                        state.snapshot
+                    )));
+                }
+            }
+            // After streamed changes, a snapshot row means the connector
+            // lost its place (its slot or offsets were recreated, or a
+            // snapshot was signalled): changes between the two may be lost
+            // or come again, which no guard can settle. Stop.
+            Origin::Snapshot { lsn } if state.position != Position::default() => {
+                return Err(unplaceable(format!(
+                    "a row of a snapshot (LSN {lsn}) after streamed changes up to position {}: \
+                     a new snapshot after streaming began; rebuild the aggregates",
+                    state.position
+                )));
+            }
+            Origin::Snapshot { lsn } => match lsn.cmp(&state.snapshot) {
+                // A snapshot that started over (the engine stopped during it)
+                // comes back at a new, higher LSN: its rows replace those of
+                // the unfinished one.
+                Ordering::Greater => {
+                    state.start_snapshot(lsn, offset);
+                    applied.new_snapshot = true;
+                }
+                Ordering::Equal => {}
+                Ordering::Less => {
+                    return Err(unplaceable(format!(
+                        "a row of a snapshot at LSN {lsn}, below the snapshot at LSN {} the \
+                         partition's rows start from: the source's log started over",
+                        state.snapshot
+                    )))
+                }
+            },
+        }
         for (key, update) in A::updates(change) {
             match state.rows.entry(key) {
                 Slot::Occupied(mut slot) => {
@@ -139,7 +358,10 @@ impl<A: Aggregate> AggregateState<A> {
             }
             applied.keys_updated += 1;
         }
-        applied
+        if let Origin::Snapshot { lsn } = origin {
+            self.latest_snapshot = self.latest_snapshot.max(lsn);
+        }
+        Ok(applied)
     }
 
     /// Records that the event at `offset` was handed over, even if it had no
@@ -174,18 +396,28 @@ impl<A: Aggregate> AggregateState<A> {
         self.partitions
             .iter()
             .flat_map(|(partition, state)| {
+                let mark = state.mark();
                 state
                     .rows
                     .iter()
                     .filter(|(_, e)| e.stamp.is_changed())
-                    .map(|(key, e)| StoredRow {
+                    .map(move |(key, e)| StoredRow {
                         key: key.clone(),
                         partition: *partition,
                         value: e.value.clone(),
                         offset: e.stamp.offset(),
+                        mark: mark.clone(),
                     })
             })
             .collect()
+    }
+
+    /// How far into the source `partition`'s rows reach.
+    pub fn mark(&self, partition: Partition) -> SourceMark {
+        self.partitions
+            .get(&partition)
+            .map(PartitionState::mark)
+            .unwrap_or_default()
     }
 
     /// Marks rows as written, unless an event changed them since (their
@@ -221,20 +453,39 @@ impl<A: Aggregate> AggregateState<A> {
     }
 
     /// Takes rows read back from the sink, e.g. after a restart or when a
-    /// partition is assigned: the offset guard starts from their offsets.
+    /// partition is assigned: the offset guard starts from their offsets,
+    /// and the source guard from the highest of their marks. Marks only grow
+    /// from flush to flush, so that is the last flush's, whichever version of
+    /// a row the sink kept.
     pub fn load(&mut self, rows: impl IntoIterator<Item = StoredRow<A::Key, A::Value>>) {
         for row in rows {
-            self.partitions
-                .entry(row.partition)
-                .or_default()
-                .rows
-                .insert(
-                    row.key,
-                    Entry {
-                        value: row.value,
-                        stamp: Stamp::written(row.offset),
-                    },
-                );
+            self.latest_snapshot = self.latest_snapshot.max(row.mark.snapshot);
+            let state = self.partitions.entry(row.partition).or_default();
+            state.loaded_to = state.loaded_to.max(Some(row.offset));
+            let mark = &row.mark;
+            match (mark.snapshot, mark.position).cmp(&(state.snapshot, state.position)) {
+                Ordering::Greater => {
+                    state.snapshot = mark.snapshot;
+                    state.snapshot_offset = mark.snapshot_offset;
+                    state.position = mark.position;
+                    state.rows_at_position = mark.rows.to_vec();
+                }
+                Ordering::Equal => {
+                    for id in mark.rows.iter() {
+                        if !state.rows_at_position.contains(id) {
+                            state.rows_at_position.push(*id);
+                        }
+                    }
+                }
+                Ordering::Less => {}
+            }
+            state.rows.insert(
+                row.key,
+                Entry {
+                    value: row.value,
+                    stamp: Stamp::written(row.offset),
+                },
+            );
         }
     }
 
@@ -289,6 +540,10 @@ mod tests {
         })
     }
 
+    fn snapshot() -> Origin {
+        Origin::Snapshot { lsn: 1 }
+    }
+
     #[test]
     fn a_stamp_keeps_the_offset_and_the_flag_apart() {
         for offset in [0, 1, 41, Offset::MAX] {
@@ -304,13 +559,15 @@ mod tests {
     fn a_forgetting_aggregate_gives_back_the_room_a_burst_took() {
         let mut state = AggregateState::<Products>::default();
         for id in 0..20_000 {
-            state.apply(0, id, &created(id));
+            state.apply(0, id, snapshot(), &created(id)).unwrap();
         }
         assert!(state.partitions[&0].rows.capacity() >= 20_000);
 
         // Flushed while one more row arrived: that row stays, the room goes.
         let rows = state.dirty_rows();
-        state.apply(0, 20_000, &created(20_000));
+        state
+            .apply(0, 20_000, snapshot(), &created(20_000))
+            .unwrap();
         state.mark_flushed(&rows);
 
         assert_eq!(state.len(), 1);

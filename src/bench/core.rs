@@ -148,8 +148,13 @@ pub fn ours(chunk: &[Message], aggregates: &mut AllAggregates) -> u64 {
     for message in chunk {
         match cdc::decode_event(message.table, message.value.as_deref()) {
             Ok(event) => {
-                if let Decoded::Change(change) = event.decoded {
-                    aggregates.apply(message.partition, message.offset, &change);
+                if let Decoded::Change(change, origin) = event.decoded {
+                    if aggregates
+                        .apply(message.partition, message.offset, origin, &change)
+                        .is_err()
+                    {
+                        errors += 1;
+                    }
                 }
             }
             Err(_) => errors += 1,
@@ -169,7 +174,8 @@ pub mod naive {
 
     use crate::bench::synthetic::Message;
     use crate::cdc::{
-        Change, Customer, Op, Order, OrderItem, Product, ProductKey, Table, TableChange,
+        Change, Customer, Op, Order, OrderItem, Origin, Position, Product, ProductKey, Table,
+        TableChange,
     };
     use crate::replay::AllAggregates;
 
@@ -179,7 +185,14 @@ pub mod naive {
         let mut errors = 0;
         for message in chunk {
             match decode(message.table, message.value.as_deref()) {
-                Ok(Some(change)) => aggregates.apply(message.partition, message.offset, &change),
+                Ok(Some((change, origin))) => {
+                    if aggregates
+                        .apply(message.partition, message.offset, origin, &change)
+                        .is_err()
+                    {
+                        errors += 1;
+                    }
+                }
                 Ok(None) => {}
                 Err(_) => errors += 1,
             }
@@ -188,7 +201,10 @@ pub mod naive {
     }
 
     /// One message's value; None for a tombstone or a truncate.
-    pub fn decode(table: Table, value: Option<&[u8]>) -> Result<Option<TableChange>, String> {
+    pub fn decode(
+        table: Table,
+        value: Option<&[u8]>,
+    ) -> Result<Option<(TableChange, Origin)>, String> {
         let Some(bytes) = value else {
             return Ok(None);
         };
@@ -218,8 +234,23 @@ pub mod naive {
             Op::Delete => None,
             _ => Some(image("after").ok_or("no after image")?),
         };
+        let source = &envelope["source"];
+        let lsn = source["lsn"].as_u64().ok_or("no source.lsn")?;
+        let origin = match op {
+            Op::Read => Origin::Snapshot { lsn },
+            _ => {
+                let sequence: Vec<Option<String>> =
+                    serde_json::from_str(source["sequence"].as_str().ok_or("no sequence")?)
+                        .map_err(|e| e.to_string())?;
+                let commit = match sequence.first() {
+                    Some(Some(c)) => c.parse().map_err(|_| "bad sequence")?,
+                    _ => 0,
+                };
+                Origin::Stream(Position { commit, lsn })
+            }
+        };
         let row = Row { schema };
-        Ok(Some(match table {
+        let change = match table {
             Table::Customers => {
                 TableChange::Customer(change(op, before, after, |v| row.customer(v))?)
             }
@@ -237,7 +268,8 @@ pub mod naive {
             Table::OrderItems => {
                 TableChange::OrderItem(change(op, before, after, |v| row.item(v))?)
             }
-        }))
+        };
+        Ok(Some((change, origin)))
     }
 
     fn change<R>(
@@ -585,10 +617,11 @@ mod tests {
                     v => Some(serde_json::to_vec(v).unwrap()),
                 };
                 let ours = match cdc::decode(table, value.as_deref()).unwrap() {
-                    Decoded::Change(c) => Some(c),
+                    Decoded::Change(c, origin) => Some((c, origin)),
                     _ => None,
                 };
-                let naive: Option<TableChange> = naive::decode(table, value.as_deref()).unwrap();
+                let naive: Option<(TableChange, crate::cdc::Origin)> =
+                    naive::decode(table, value.as_deref()).unwrap();
                 assert_eq!(ours, naive, "{name}: {line}");
             }
         }

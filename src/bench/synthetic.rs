@@ -1377,7 +1377,7 @@ mod tests {
             let mut ops = HashSet::new();
             for message in Generator::new(spec(20_000, schemas)) {
                 match (decoded(&message), message.op) {
-                    (Decoded::Change(change), Some(op)) => {
+                    (Decoded::Change(change, _), Some(op)) => {
                         assert_eq!(change.op(), op);
                         ops.insert((message.table, op.as_str()));
                     }
@@ -1447,7 +1447,7 @@ mod tests {
             };
             let mut products = BTreeSet::new();
             for message in Generator::new(spec) {
-                if let Decoded::Change(TableChange::OrderItem(c)) = decoded(&message) {
+                if let Decoded::Change(TableChange::OrderItem(c), _) = decoded(&message) {
                     for item in c.before.iter().chain(c.after.iter()) {
                         products.insert(item.product_id);
                     }

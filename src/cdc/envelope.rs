@@ -5,15 +5,18 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::field::{row_schema, ColumnSchema, Row};
+use super::position::{sequence_start, SourceFields};
 use super::tables::{OldRow, OldRowNeed, SourceRow};
 use super::{fast, schemas};
-use super::{Change, DecodeError, DecodeErrorKind, Op, Table, TableChange};
+use super::{Change, DecodeError, DecodeErrorKind, Op, Origin, Table, TableChange};
 use crate::telemetry;
 
 /// What one Kafka record of a captured table's topic means.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decoded {
-    Change(TableChange),
+    /// A row change and where it comes from in the source's log (a change
+    /// that cannot be placed is a [`DecodeErrorKind::NoPosition`] error).
+    Change(TableChange, Origin),
     /// The null-valued record Debezium writes after a delete (for compaction).
     Tombstone,
     /// `op = t`. The processor's policy (see README, "Truncate") is to count
@@ -33,6 +36,32 @@ pub struct Event {
 struct SourceInfo {
     #[serde(default)]
     ts_ms: Option<i64>,
+    #[serde(default)]
+    lsn: Option<u64>,
+    #[serde(default)]
+    sequence: Option<String>,
+    /// A string in current releases ("true", "last", "incremental", ...).
+    #[serde(default)]
+    snapshot: Option<serde_json::Value>,
+}
+
+impl SourceInfo {
+    fn fields(&self) -> Result<SourceFields, DecodeError> {
+        let sequence = match &self.sequence {
+            None => None,
+            Some(text) => Some(sequence_start(text, "\"").ok_or_else(|| {
+                DecodeError::new(
+                    DecodeErrorKind::NoPosition,
+                    format!("source.sequence {text:?} is not [commit LSN, LSN]"),
+                )
+            })?),
+        };
+        Ok(SourceFields {
+            lsn: self.lsn,
+            sequence,
+            incremental: self.snapshot.as_ref().and_then(|s| s.as_str()) == Some("incremental"),
+        })
+    }
 }
 
 /// Both envelope shapes in one pass: `payload` (+ `schema`) when schemas are
@@ -125,7 +154,9 @@ fn decode_scanned(
     };
     let before = envelope.before.map(Image::Columns);
     let after = envelope.after.map(Image::Columns);
-    changes(table, op, before, after, columns.as_deref()).map(|c| event(Decoded::Change(c)))
+    let change = changes(table, op, before, after, columns.as_deref())?;
+    let origin = envelope.source.origin(table, op)?;
+    Ok(event(Decoded::Change(change, origin)))
 }
 
 /// Debezium's op; None for a truncate.
@@ -182,7 +213,8 @@ fn decode_with_serde(table: Table, bytes: &[u8]) -> Result<Event, DecodeError> {
             None,
         ),
     };
-    let committed_at_ms = envelope.source.and_then(|s| s.ts_ms);
+    let source = envelope.source.unwrap_or_default();
+    let committed_at_ms = source.ts_ms;
     let event = |decoded| Event {
         decoded,
         committed_at_ms,
@@ -200,7 +232,9 @@ fn decode_with_serde(table: Table, bytes: &[u8]) -> Result<Event, DecodeError> {
     let schema = schema.map(|_| columns.as_slice());
     let before = envelope.before.map(Image::Raw);
     let after = envelope.after.map(Image::Raw);
-    changes(table, op, before, after, schema).map(|c| event(Decoded::Change(c)))
+    let change = changes(table, op, before, after, schema)?;
+    let origin = source.fields()?.origin(table, op)?;
+    Ok(event(Decoded::Change(change, origin)))
 }
 
 /// The typed change of `table`'s row images.
@@ -328,10 +362,18 @@ mod tests {
 
     fn order_change(value: &str) -> Change<Order> {
         match decode(Table::Orders, Some(value.as_bytes())).unwrap() {
-            Decoded::Change(TableChange::Order(c)) => c,
+            Decoded::Change(TableChange::Order(c), _) => c,
             other => panic!("{other:?}"),
         }
     }
+
+    /// A source block with the position every real event has, and that
+    /// position.
+    const SOURCE: &str = r#""source":{"ts_ms":1,"sequence":"[\"100\",\"200\"]","lsn":200}"#;
+    const AT: Origin = Origin::Stream(crate::cdc::Position {
+        commit: 100,
+        lsn: 200,
+    });
 
     const ORDER_AFTER: &str = r#"{"id":7,"customer_id":1,"status":"paid","total_amount":"45.48",
         "created_at":"2024-02-01T09:00:10.250000Z","updated_at":"2024-02-01T09:05:00Z"}"#;
@@ -339,7 +381,7 @@ mod tests {
     #[test]
     fn schemas_off_create() {
         let c = order_change(&format!(
-            r#"{{"before":null,"after":{ORDER_AFTER},"op":"c","ts_ms":1}}"#
+            r#"{{"before":null,"after":{ORDER_AFTER},"op":"c",{SOURCE},"ts_ms":1}}"#
         ));
         assert_eq!(c.op, Op::Create);
         let after = c.after.unwrap();
@@ -360,7 +402,7 @@ mod tests {
                "parameters":{"scale":"2","connect.decimal.precision":"12"},"field":"total_amount"},
               {"type":"int64","name":"io.debezium.time.MicroTimestamp","field":"created_at"}]}]},
           "payload":{"before":null,"after":{"id":7,"status":"paid","total_amount":"DqU=",
-            "created_at":1706778010000000},"op":"r"}}"#;
+            "created_at":1706778010000000},"op":"r","source":{"lsn":5}}}"#;
         let after = order_change(value).after.unwrap();
         assert_eq!(after.total_amount.to_string(), "37.49");
         assert_eq!(after.created_at.timestamp(), 1_706_778_010);
@@ -369,10 +411,10 @@ mod tests {
     #[test]
     fn the_commit_time_comes_from_source_ts_ms_in_both_shapes() {
         let off = format!(
-            r#"{{"before":null,"after":{ORDER_AFTER},"op":"c","source":{{"db":"s","ts_ms":1706778010250}},"ts_ms":1706778011000}}"#
+            r#"{{"before":null,"after":{ORDER_AFTER},"op":"c","source":{{"db":"s","ts_ms":1706778010250,"sequence":"[null,\"5\"]","lsn":5}},"ts_ms":1706778011000}}"#
         );
         let on = format!(
-            r#"{{"schema":null,"payload":{{"before":null,"after":{ORDER_AFTER},"op":"c","source":{{"ts_ms":17}}}}}}"#
+            r#"{{"schema":null,"payload":{{"before":null,"after":{ORDER_AFTER},"op":"c","source":{{"ts_ms":17,"sequence":"[null,\"5\"]","lsn":5}}}}}}"#
         );
         let at = |v: &str| {
             decode_event(Table::Orders, Some(v.as_bytes()))
@@ -381,8 +423,106 @@ mod tests {
         };
         assert_eq!(at(&off), Some(1_706_778_010_250));
         assert_eq!(at(&on), Some(17));
-        let no_source = format!(r#"{{"before":null,"after":{ORDER_AFTER},"op":"c"}}"#);
+        let no_source =
+            format!(r#"{{"before":null,"after":{ORDER_AFTER},"op":"r","source":{{"lsn":5}}}}"#);
         assert_eq!(at(&no_source), None);
+    }
+
+    #[test]
+    fn the_position_comes_from_source_lsn_and_sequence_either_way() {
+        let order = |op: &str, source: &str| {
+            format!(r#"{{"before":null,"after":{ORDER_AFTER},"op":"{op}","source":{source}}}"#)
+        };
+        let origin = |value: &str| {
+            // Both ways agree, whether or not the scanner reads the message.
+            let fast = decode_event(Table::Orders, Some(value.as_bytes()));
+            assert_eq!(
+                fast,
+                decode_with_serde(Table::Orders, value.as_bytes()),
+                "{value}"
+            );
+            fast.map(|e| match e.decoded {
+                Decoded::Change(_, origin) => origin,
+                other => panic!("{other:?}"),
+            })
+        };
+        let stream = |commit, lsn| Ok(Origin::Stream(crate::cdc::Position { commit, lsn }));
+        let cases = [
+            (
+                order(
+                    "c",
+                    r#"{"sequence":"[\"26517664\",\"26516464\"]","lsn":26516464}"#,
+                ),
+                stream(26517664, 26516464),
+                true,
+            ),
+            // The first transaction after a snapshot.
+            (
+                order("c", r#"{"lsn":7,"sequence":"[null,\"7\"]","ts_ms":1}"#),
+                stream(0, 7),
+                true,
+            ),
+            // Snapshot rows: the LSN of the snapshot; `snapshot` says which row.
+            (
+                order(
+                    "r",
+                    r#"{"snapshot":"last","sequence":"[null,\"9\"]","lsn":9}"#,
+                ),
+                Ok(Origin::Snapshot { lsn: 9 }),
+                true,
+            ),
+            (
+                order("r", r#"{"snapshot":null,"lsn":9}"#),
+                Ok(Origin::Snapshot { lsn: 9 }),
+                true,
+            ),
+            // Beyond 2^53, where a float would round.
+            (
+                order(
+                    "c",
+                    r#"{"sequence":"[\"9007199254740993\",\"9007199254740995\"]","lsn":9007199254740995}"#,
+                ),
+                stream(9007199254740993, 9007199254740995),
+                true,
+            ),
+            // Odd spellings the scanner leaves to serde, which reads them alike.
+            (
+                order("c", r#"{"sequence":"[\u00223\u0022,\"4\"]","lsn":4}"#),
+                stream(3, 4),
+                false,
+            ),
+            (
+                order("r", r#"{"snapshot":true,"lsn":9}"#),
+                Ok(Origin::Snapshot { lsn: 9 }),
+                false,
+            ),
+        ];
+        for (value, expected, scanned) in cases {
+            assert_eq!(origin(&value), expected, "{value}");
+            assert_eq!(scans(value.as_bytes()), scanned, "{value}");
+        }
+        let no_position = [
+            order("c", r#"{"lsn":4}"#),
+            order("c", r#"{"sequence":"[null,\"4\"]"}"#),
+            order("c", r#"{"sequence":"[null,\"4\"]","lsn":null}"#),
+            order("c", r#"{"sequence":"[4]","lsn":4}"#),
+            order("c", r#"{"sequence":"[\"x\",\"4\"]","lsn":4}"#),
+            order("r", r#"{"snapshot":"incremental","lsn":4}"#),
+            format!(r#"{{"before":null,"after":{ORDER_AFTER},"op":"c"}}"#),
+        ];
+        for value in no_position {
+            let err = origin(&value).unwrap_err();
+            assert_eq!(err.kind, DecodeErrorKind::NoPosition, "{value}: {err}");
+        }
+        // A negative or fractional LSN is no LSN.
+        for bad in [r#"{"lsn":-4}"#, r#"{"lsn":4.5}"#, r#"{"lsn":"4"}"#] {
+            let value = order("r", bad);
+            assert_eq!(
+                origin(&value).unwrap_err().kind,
+                DecodeErrorKind::MalformedJson,
+                "{value}"
+            );
+        }
     }
 
     /// An order's before image as the real connector sends it for a delete
@@ -463,8 +603,9 @@ mod tests {
         ] {
             let mut before = key_only.clone();
             before[column] = value;
-            let value = format!(r#"{{"before":{before},"after":null,"op":"d"}}"#);
-            let Decoded::Change(TableChange::Order(c)) = both_ways(Table::Orders, &value).unwrap()
+            let value = format!(r#"{{"before":{before},"after":null,"op":"d",{SOURCE}}}"#);
+            let Decoded::Change(TableChange::Order(c), _) =
+                both_ways(Table::Orders, &value).unwrap()
             else {
                 panic!("{value}")
             };
@@ -507,14 +648,17 @@ mod tests {
             r#"{"id":1,"name":"","category":"","price":"0.00"}"#,
             r#"{"id":"one","price":"not a decimal"}"#,
         ] {
-            let value = format!(r#"{{"before":{before},"after":{after},"op":"u"}}"#);
+            let value = format!(r#"{{"before":{before},"after":{after},"op":"u",{SOURCE}}}"#);
             assert_eq!(
                 both_ways(Table::Products, &value).unwrap(),
-                Decoded::Change(TableChange::Product(Change {
-                    op: Op::Update,
-                    before: None,
-                    after: Some(updated.clone()),
-                })),
+                Decoded::Change(
+                    TableChange::Product(Change {
+                        op: Op::Update,
+                        before: None,
+                        after: Some(updated.clone()),
+                    }),
+                    AT
+                ),
                 "{value}"
             );
         }
@@ -523,14 +667,17 @@ mod tests {
             r#"{"id":101,"name":"Milk frother","category":"equipment","price":"29.95"}"#,
             r#"{"id":101,"price":"not a decimal"}"#,
         ] {
-            let value = format!(r#"{{"before":{before},"after":null,"op":"d"}}"#);
+            let value = format!(r#"{{"before":{before},"after":null,"op":"d",{SOURCE}}}"#);
             assert_eq!(
                 both_ways(Table::Products, &value).unwrap(),
-                Decoded::Change(TableChange::Product(Change {
-                    op: Op::Delete,
-                    before: Some(ProductKey { id: 101 }),
-                    after: None,
-                })),
+                Decoded::Change(
+                    TableChange::Product(Change {
+                        op: Op::Delete,
+                        before: Some(ProductKey { id: 101 }),
+                        after: None,
+                    }),
+                    AT
+                ),
                 "{value}"
             );
         }
@@ -712,7 +859,8 @@ mod tests {
         );
         let message = format!(
             r#"{{"schema":{schema},"payload":{{"before":null,"after":{{"id":7,"status":"paid",
-              "total_amount":"DqU=","created_at":1706778010000}},"op":"c","source":{{"ts_ms":5}}}}}}"#
+              "total_amount":"DqU=","created_at":1706778010000}},"op":"c",
+              "source":{{"ts_ms":5,"sequence":"[null,\"5\"]","lsn":5}}}}}}"#
         );
         (schema, message)
     }
@@ -723,7 +871,7 @@ mod tests {
     /// An order's total and creation time (ms), from a decoded create.
     fn total_and_time_of(event: Result<Event, DecodeError>) -> (String, i64) {
         match event.unwrap().decoded {
-            Decoded::Change(TableChange::Order(c)) => {
+            Decoded::Change(TableChange::Order(c), _) => {
                 let after = c.after.unwrap();
                 (
                     after.total_amount.to_string(),

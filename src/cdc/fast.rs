@@ -6,7 +6,7 @@
 //! row images as raw values, then each image, then each column) and pays
 //! serde_json's per-string costs on every key of the `source` block. This
 //! scanner walks the text once, keeps the row images as (column, raw value)
-//! pairs and reads only `op` and `source.ts_ms`. A schema it has seen
+//! pairs and reads only `op`, `source.ts_ms` and the source position. A schema it has seen
 //! before it passes over with one comparison (see [`super::schemas`]).
 //!
 //! It is strict: it accepts only what serde_json accepts too (the same JSON
@@ -16,6 +16,8 @@
 //! `payload` or in another order, deep nesting. The caller then decodes the
 //! message the serde way, so results and errors are exactly the same either
 //! way; the scanner only makes the usual case cheap.
+
+use super::position::{sequence_start, SourceFields};
 
 /// A row image: (column, raw JSON value) in message order.
 pub(crate) type Columns<'a> = Vec<(&'a str, &'a str)>;
@@ -27,6 +29,14 @@ pub(crate) struct Envelope<'a> {
     pub after: Option<Columns<'a>>,
     pub op: &'a str,
     pub ts_ms: Option<i64>,
+    pub source: SourceFields,
+}
+
+/// What the scanner reads of `source`.
+#[derive(Debug, Default)]
+struct Source {
+    ts_ms: Option<i64>,
+    fields: SourceFields,
 }
 
 /// What the scanner read of a message.
@@ -312,46 +322,73 @@ impl<'a> Scanner<'a> {
         self.text[start..self.at].parse().ok()
     }
 
-    /// `source`: null, or an object of which only `ts_ms` is read.
-    fn source(&mut self) -> Option<Option<i64>> {
+    /// `source`: null, or an object of which only `ts_ms` and the position
+    /// fields are read.
+    fn source(&mut self) -> Option<Source> {
         match self.peek()? {
             b'n' => {
                 self.literal(b"null")?;
-                Some(None)
+                Some(Source::default())
             }
             b'{' => {
-                // Sixteen keys of which one is read: the others are only
+                // Sixteen keys of which four are read: the others are only
                 // checked, not sliced out.
                 self.at += 1;
                 let mut ts_ms: Option<Option<i64>> = None;
+                let mut lsn: Option<Option<u64>> = None;
+                let mut sequence: Option<Option<Option<u64>>> = None;
+                let mut snapshot: Option<bool> = None;
                 if self.peek()? == b'}' {
                     self.at += 1;
-                    return Some(None);
+                    return Some(Source::default());
                 }
                 loop {
                     self.eat(b'"')?;
-                    if self.bytes.get(self.at..self.at + 6) == Some(b"ts_ms\"") {
-                        self.at += 6;
-                        self.eat(b':')?;
-                        if ts_ms.is_some() {
-                            return None;
+                    let key_start = self.at;
+                    self.plain_key()?;
+                    let key = &self.bytes[key_start..self.at - 1];
+                    self.eat(b':')?;
+                    match key {
+                        b"ts_ms" if ts_ms.is_none() => ts_ms = Some(self.nullable_int()?),
+                        b"lsn" if lsn.is_none() => {
+                            lsn = Some(match self.nullable_int()? {
+                                Some(n) => Some(u64::try_from(n).ok()?),
+                                None => None,
+                            })
                         }
-                        ts_ms = Some(if self.peek()? == b'n' {
-                            self.literal(b"null")?;
-                            None
-                        } else {
-                            Some(self.int()?)
-                        });
-                    } else {
-                        self.plain_key()?;
-                        self.eat(b':')?;
-                        self.skip_value(1)?;
+                        b"sequence" if sequence.is_none() => {
+                            sequence = Some(if self.peek()? == b'n' {
+                                self.literal(b"null")?;
+                                None
+                            } else {
+                                Some(self.sequence()?)
+                            })
+                        }
+                        b"snapshot" if snapshot.is_none() => {
+                            snapshot = Some(if self.peek()? == b'n' {
+                                self.literal(b"null")?;
+                                false
+                            } else {
+                                self.eat(b'"')?;
+                                self.plain_string()? == "incremental"
+                            })
+                        }
+                        // Repeated: serde decides.
+                        b"ts_ms" | b"lsn" | b"sequence" | b"snapshot" => return None,
+                        _ => self.skip_value(1)?,
                     }
                     match self.peek()? {
                         b',' => self.at += 1,
                         b'}' => {
                             self.at += 1;
-                            return Some(ts_ms.flatten());
+                            return Some(Source {
+                                ts_ms: ts_ms.flatten(),
+                                fields: SourceFields {
+                                    lsn: lsn.flatten(),
+                                    sequence: sequence.flatten(),
+                                    incremental: snapshot.unwrap_or(false),
+                                },
+                            });
                         }
                         _ => return None,
                     }
@@ -359,6 +396,35 @@ impl<'a> Scanner<'a> {
             }
             _ => None,
         }
+    }
+
+    /// null, or an integer that fits an i64.
+    fn nullable_int(&mut self) -> Option<Option<i64>> {
+        if self.peek()? == b'n' {
+            self.literal(b"null")?;
+            Some(None)
+        } else {
+            Some(Some(self.int()?))
+        }
+    }
+
+    /// `sequence`'s string, `"[null,\"26497112\"]"`: its first element.
+    /// Anything else (escapes other than the quotes, say) is left to serde.
+    fn sequence(&mut self) -> Option<Option<u64>> {
+        self.eat(b'"')?;
+        let start = self.at;
+        // The string holds escaped quotes: stop at the first unescaped one.
+        loop {
+            self.at = string_stop(self.bytes, self.at);
+            match *self.bytes.get(self.at)? {
+                b'"' => break,
+                b'\\' if self.bytes.get(self.at + 1) == Some(&b'"') => self.at += 2,
+                _ => return None,
+            }
+        }
+        let text = &self.text[start..self.at];
+        self.at += 1;
+        sequence_start(text, "\\\"")
     }
 
     /// A key without escapes, after its opening quote, skipped.
@@ -442,11 +508,13 @@ impl<'a> Scanner<'a> {
             }
             Some(())
         })?;
+        let source = source.unwrap_or_default();
         Some(Envelope {
             before: before.flatten(),
             after: after.flatten(),
             op: op?,
-            ts_ms: source.flatten(),
+            ts_ms: source.ts_ms,
+            source: source.fields,
         })
     }
 }

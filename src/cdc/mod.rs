@@ -8,11 +8,13 @@
 mod envelope;
 mod fast;
 mod field;
+mod position;
 mod schemas;
 mod tables;
 
 pub use envelope::{decode, decode_event, Decoded, Event};
 pub use field::Minute;
+pub use position::{Origin, Position};
 pub use tables::{Customer, Order, OrderItem, Product, ProductKey, TableChange};
 
 use tables::{OldRow, OldRowNeed, SourceRow};
@@ -94,6 +96,29 @@ impl TableChange {
             TableChange::OrderItem(c) => c.op,
         }
     }
+
+    /// The primary key of the source row (every captured table has an
+    /// `id`): what tells apart the rows of one WAL record, which share a
+    /// position.
+    pub fn row_id(&self) -> i64 {
+        fn id<R, B>(
+            c: &Change<R, B>,
+            of_after: impl Fn(&R) -> i64,
+            of_before: impl Fn(&B) -> i64,
+        ) -> i64 {
+            c.after
+                .as_ref()
+                .map(of_after)
+                .or_else(|| c.before.as_ref().map(of_before))
+                .expect("a decoded change has a before or an after image")
+        }
+        match self {
+            TableChange::Customer(c) => id(c, |r| r.id, |r| r.id),
+            TableChange::Product(c) => id(c, |r| r.id, |r| r.id),
+            TableChange::Order(c) => id(c, |r| r.id, |r| r.id),
+            TableChange::OrderItem(c) => id(c, |r| r.id, |r| r.id),
+        }
+    }
 }
 
 /// Debezium's `op` field.
@@ -164,15 +189,20 @@ pub enum DecodeErrorKind {
     MissingBefore,
     /// A create, update or read without an after image.
     MissingAfter,
+    /// A change whose place in Postgres's log cannot be told: no
+    /// `source.lsn` or `source.sequence`, or a read of an incremental
+    /// snapshot (see [`Origin`]).
+    NoPosition,
 }
 
 impl DecodeErrorKind {
-    pub const ALL: [DecodeErrorKind; 5] = [
+    pub const ALL: [DecodeErrorKind; 6] = [
         DecodeErrorKind::MalformedJson,
         DecodeErrorKind::UnknownOp,
         DecodeErrorKind::BadField,
         DecodeErrorKind::MissingBefore,
         DecodeErrorKind::MissingAfter,
+        DecodeErrorKind::NoPosition,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -182,6 +212,7 @@ impl DecodeErrorKind {
             DecodeErrorKind::BadField => "bad_field",
             DecodeErrorKind::MissingBefore => "missing_before",
             DecodeErrorKind::MissingAfter => "missing_after",
+            DecodeErrorKind::NoPosition => "no_position",
         }
     }
 }

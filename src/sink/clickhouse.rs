@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{
     Aggregate, CustomerTotals, CustomersByMinute, OrderTotals, OrdersByMinute, ProductInfo,
-    ProductSales, Products, SalesTotals, StoredRow,
+    ProductSales, Products, SalesTotals, SourceMark, StoredRow,
 };
-use crate::cdc::Minute;
+use crate::cdc::{Minute, Position};
 use crate::config::{ClickHouseConfig, Validation};
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +83,29 @@ pub fn analytics_ddl(db: &str) -> Vec<String> {
         .collect()
 }
 
+/// The columns each table of the analytics schema declares, in order: one
+/// column per line of its CREATE TABLE, as the schema file writes them.
+pub fn analytics_columns() -> Vec<(String, Vec<(String, String)>)> {
+    analytics_ddl("analytics")
+        .iter()
+        .filter_map(|statement| {
+            let rest = statement.strip_prefix("CREATE TABLE IF NOT EXISTS analytics.")?;
+            let (table, body) = rest.split_once('(')?;
+            let (columns, _engine) = body.rsplit_once(")\nENGINE")?;
+            let columns = columns
+                .lines()
+                .map(|l| l.trim().trim_end_matches(','))
+                .filter(|l| !l.is_empty())
+                .filter_map(|l| {
+                    let (name, kind) = l.split_once(char::is_whitespace)?;
+                    Some((name.to_owned(), kind.trim().to_owned()))
+                })
+                .collect();
+            Some((table.trim().to_owned(), columns))
+        })
+        .collect()
+}
+
 #[derive(Clone)]
 pub struct ClickHouseSink {
     client: Client,
@@ -131,6 +154,38 @@ impl ClickHouseSink {
             self.client.query(&statement).execute().await?;
         }
         Ok(())
+    }
+
+    /// Adds to the configured database's tables the columns the schema
+    /// declares and they lack (tables created by an older release). ClickHouse
+    /// 18.16 has no `ADD COLUMN IF NOT EXISTS`, so the columns are compared
+    /// first. A new column reads as its type's zero in existing rows, which
+    /// is what the processor expects of them. Returns what it added.
+    pub async fn add_missing_columns(&self) -> Result<Vec<String>, SinkError> {
+        let mut added = Vec::new();
+        for (table, columns) in analytics_columns() {
+            let present: Vec<String> = self
+                .client
+                .query(
+                    "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = ?",
+                )
+                .bind(&table)
+                .fetch_all()
+                .await?;
+            // A missing table is left to the schema scripts (and to the
+            // first insert's error, which names it).
+            if present.is_empty() {
+                continue;
+            }
+            for (name, kind) in columns.iter().filter(|(n, _)| !present.contains(n)) {
+                self.client
+                    .query(&format!("ALTER TABLE {table} ADD COLUMN {name} {kind}"))
+                    .execute()
+                    .await?;
+                added.push(format!("{table}.{name}"));
+            }
+        }
+        Ok(added)
     }
 
     /// Inserts `rows` in one INSERT.
@@ -259,6 +314,32 @@ fn offset_to_u64(o: i64) -> u64 {
     o.max(0) as u64
 }
 
+/// The source mark's columns, in the order the row structs list them.
+fn mark_columns(m: &SourceMark) -> (u64, u64, u64, u64, Vec<i64>) {
+    (
+        m.snapshot,
+        offset_to_u64(m.snapshot_offset),
+        m.position.commit,
+        m.position.lsn,
+        m.rows.to_vec(),
+    )
+}
+
+fn mark_of(
+    snapshot: u64,
+    snapshot_offset: u64,
+    commit: u64,
+    lsn: u64,
+    rows: Vec<i64>,
+) -> SourceMark {
+    SourceMark {
+        snapshot,
+        snapshot_offset: snapshot_offset as i64,
+        position: Position { commit, lsn },
+        rows: rows.into(),
+    }
+}
+
 #[derive(Debug, Row, Serialize, Deserialize)]
 pub struct OrdersByMinuteRow {
     pub minute: u32,
@@ -267,11 +348,18 @@ pub struct OrdersByMinuteRow {
     pub orders: i64,
     pub revenue: i64,
     pub source_offset: u64,
+    pub source_snapshot: u64,
+    pub source_snapshot_offset: u64,
+    pub source_commit: u64,
+    pub source_lsn: u64,
+    pub source_rows: Vec<i64>,
 }
 
 impl SinkTable for OrdersByMinute {
     type Row = OrdersByMinuteRow;
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
+        let (source_snapshot, source_snapshot_offset, source_commit, source_lsn, source_rows) =
+            mark_columns(&r.mark);
         Ok(OrdersByMinuteRow {
             minute: minute_to_datetime(Self::NAME, r.key.0)?,
             status: r.key.1.clone(),
@@ -279,6 +367,11 @@ impl SinkTable for OrdersByMinute {
             orders: r.value.orders,
             revenue: cents(Self::NAME, r.value.revenue)?,
             source_offset: offset_to_u64(r.offset),
+            source_snapshot,
+            source_snapshot_offset,
+            source_commit,
+            source_lsn,
+            source_rows,
         })
     }
     fn from_row(r: Self::Row) -> Result<StoredRow<Self::Key, Self::Value>, SinkError> {
@@ -290,6 +383,13 @@ impl SinkTable for OrdersByMinute {
                 revenue: from_cents(r.revenue),
             },
             offset: r.source_offset as i64,
+            mark: mark_of(
+                r.source_snapshot,
+                r.source_snapshot_offset,
+                r.source_commit,
+                r.source_lsn,
+                r.source_rows,
+            ),
         })
     }
 }
@@ -302,11 +402,18 @@ pub struct ProductSalesRow {
     pub revenue: i64,
     pub lines: i64,
     pub source_offset: u64,
+    pub source_snapshot: u64,
+    pub source_snapshot_offset: u64,
+    pub source_commit: u64,
+    pub source_lsn: u64,
+    pub source_rows: Vec<i64>,
 }
 
 impl SinkTable for ProductSales {
     type Row = ProductSalesRow;
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
+        let (source_snapshot, source_snapshot_offset, source_commit, source_lsn, source_rows) =
+            mark_columns(&r.mark);
         Ok(ProductSalesRow {
             product_id: r.key,
             source_partition: partition_to_u32(r.partition),
@@ -314,6 +421,11 @@ impl SinkTable for ProductSales {
             revenue: cents(Self::NAME, r.value.revenue)?,
             lines: r.value.lines,
             source_offset: offset_to_u64(r.offset),
+            source_snapshot,
+            source_snapshot_offset,
+            source_commit,
+            source_lsn,
+            source_rows,
         })
     }
     fn from_row(r: Self::Row) -> Result<StoredRow<Self::Key, Self::Value>, SinkError> {
@@ -326,6 +438,13 @@ impl SinkTable for ProductSales {
                 lines: r.lines,
             },
             offset: r.source_offset as i64,
+            mark: mark_of(
+                r.source_snapshot,
+                r.source_snapshot_offset,
+                r.source_commit,
+                r.source_lsn,
+                r.source_rows,
+            ),
         })
     }
 }
@@ -336,16 +455,28 @@ pub struct CustomersByMinuteRow {
     pub source_partition: u32,
     pub customers: i64,
     pub source_offset: u64,
+    pub source_snapshot: u64,
+    pub source_snapshot_offset: u64,
+    pub source_commit: u64,
+    pub source_lsn: u64,
+    pub source_rows: Vec<i64>,
 }
 
 impl SinkTable for CustomersByMinute {
     type Row = CustomersByMinuteRow;
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
+        let (source_snapshot, source_snapshot_offset, source_commit, source_lsn, source_rows) =
+            mark_columns(&r.mark);
         Ok(CustomersByMinuteRow {
             minute: minute_to_datetime(Self::NAME, r.key)?,
             source_partition: partition_to_u32(r.partition),
             customers: r.value.customers,
             source_offset: offset_to_u64(r.offset),
+            source_snapshot,
+            source_snapshot_offset,
+            source_commit,
+            source_lsn,
+            source_rows,
         })
     }
     fn from_row(r: Self::Row) -> Result<StoredRow<Self::Key, Self::Value>, SinkError> {
@@ -356,6 +487,13 @@ impl SinkTable for CustomersByMinute {
                 customers: r.customers,
             },
             offset: r.source_offset as i64,
+            mark: mark_of(
+                r.source_snapshot,
+                r.source_snapshot_offset,
+                r.source_commit,
+                r.source_lsn,
+                r.source_rows,
+            ),
         })
     }
 }
@@ -395,6 +533,8 @@ impl SinkTable for Products {
                 deleted: r.deleted != 0,
             },
             offset: r.source_offset as i64,
+            // A dimension needs no source guard (see `AggregateState::apply`).
+            mark: SourceMark::default(),
         })
     }
 }
@@ -420,6 +560,41 @@ mod tests {
         );
         assert!(cents("t", d("10000000000000000.00")).is_err());
         assert_eq!(from_cents(4548).to_string(), "45.48");
+    }
+
+    #[test]
+    fn the_schema_file_lists_every_column_of_every_table() {
+        let tables = analytics_columns();
+        let names: Vec<&str> = tables.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "orders_by_minute",
+                "product_sales",
+                "customers_by_minute",
+                "products"
+            ]
+        );
+        let (_, product_sales) = &tables[1];
+        assert_eq!(
+            product_sales
+                .iter()
+                .map(|(n, t)| format!("{n} {t}"))
+                .collect::<Vec<_>>(),
+            [
+                "product_id Int64",
+                "source_partition UInt32",
+                "units Int64",
+                "revenue Decimal(18, 2)",
+                "lines Int64",
+                "source_offset UInt64",
+                "source_snapshot UInt64",
+                "source_snapshot_offset UInt64",
+                "source_commit UInt64",
+                "source_lsn UInt64",
+                "source_rows Array(Int64)",
+            ]
+        );
     }
 
     #[test]

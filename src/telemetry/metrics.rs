@@ -176,6 +176,20 @@ fn observe_counters(meter: &Meter) {
     );
     counter_from_map!(
         meter,
+        "etl_source_repeats_skipped",
+        "Events skipped because the source sent them again at new offsets (their position was applied)",
+        source_repeats,
+        |aggregate: &&'static str| vec![KeyValue::new("aggregate", *aggregate)]
+    );
+    counter_from_map!(
+        meter,
+        "etl_new_snapshots",
+        "New snapshots of the source that replaced a partition's rows",
+        new_snapshots,
+        |aggregate: &&'static str| vec![KeyValue::new("aggregate", *aggregate)]
+    );
+    counter_from_map!(
+        meter,
         "etl_replays_skipped",
         "Key updates skipped because their event was already applied",
         replays_skipped,

@@ -31,6 +31,11 @@ pub struct Counters {
     pub decode_errors: DashMap<&'static str, AtomicU64>,
     /// Key updates skipped by the offset guard (replayed events), by aggregate.
     pub replays_skipped: DashMap<&'static str, AtomicU64>,
+    /// Events skipped by the position guard (the source sent them again at
+    /// new offsets), by aggregate.
+    pub source_repeats: DashMap<&'static str, AtomicU64>,
+    /// New snapshots that replaced a partition's rows, by aggregate.
+    pub new_snapshots: DashMap<&'static str, AtomicU64>,
     /// Events sent to the dead-letter topic, by reason.
     pub dead_letters: DashMap<&'static str, AtomicU64>,
     /// Actor exits not asked for, by (kind, how: normal, failed, panicked).
@@ -115,6 +120,14 @@ pub fn decode_error(reason: &'static str) {
 
 pub fn replay_skipped(aggregate: &'static str, updates: u64) {
     bump(&counters().replays_skipped, aggregate, updates);
+}
+
+pub fn source_repeat(aggregate: &'static str) {
+    bump(&counters().source_repeats, aggregate, 1);
+}
+
+pub fn new_snapshot(aggregate: &'static str) {
+    bump(&counters().new_snapshots, aggregate, 1);
 }
 
 pub fn dead_letter(reason: &'static str) {

@@ -123,7 +123,13 @@ impl Run {
             .args(["--broker", &format!("tcp://{brokers}")])
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        // tansu logs its errors to stdout.
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .to_lowercase();
         assert!(
             out.status.success() || text.contains("exist"),
             "creating topic {topic}: {text}"
