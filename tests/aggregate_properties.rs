@@ -22,7 +22,8 @@ use etl::aggregate::{
     StoredRow,
 };
 use etl::cdc::{
-    Change, Minute, Op, Order, OrderItem, Origin, Position, Product, ProductKey, TableChange,
+    Change, Minute, Op, Order, OrderItem, Origin, Position, Product, ProductKey, SnapshotId,
+    TableChange,
 };
 use proptest::prelude::*;
 use rust_decimal::Decimal;
@@ -97,6 +98,7 @@ struct Source {
     next_id: i64,
     lsn: u64,
     commit: u64,
+    snapshots: i64,
 }
 
 impl Source {
@@ -106,6 +108,7 @@ impl Source {
             next_id: 1,
             lsn: SNAPSHOT,
             commit: 0,
+            snapshots: 0,
         }
     }
 
@@ -205,9 +208,14 @@ impl Source {
     /// row as `r` at a new, higher LSN; streaming then starts again with no
     /// previous commit.
     fn snapshot(&mut self) -> Vec<Delivery> {
-        self.lsn += 100;
+        // At the WAL's current position: the same as the last snapshot's if
+        // nothing was written since, but always started later.
         self.commit = 0;
-        let lsn = self.lsn;
+        self.snapshots += 1;
+        let snapshot = SnapshotId {
+            lsn: self.lsn,
+            started_ms: 1_700_000_000_000 + self.snapshots * 60_000,
+        };
         let mut ids: Vec<&i64> = self.table.keys().collect();
         ids.sort();
         ids.into_iter()
@@ -219,7 +227,7 @@ impl Source {
                 };
                 (
                     (id % PARTITIONS) as i32,
-                    Origin::Snapshot { lsn },
+                    Origin::Snapshot(snapshot),
                     TableChange::Order(change),
                 )
             })
@@ -741,13 +749,10 @@ fn an_event_that_cannot_be_placed_is_an_error() {
             after: Some(order(id, 0, 0, 100)),
         })
     };
+    let snapshot = |lsn, started_ms| Origin::Snapshot(SnapshotId { lsn, started_ms });
     let mut state = AggregateState::<OrdersByMinute>::default();
-    state
-        .apply(0, 0, Origin::Snapshot { lsn: 50 }, &read(3))
-        .unwrap();
-    let older = state
-        .apply(0, 1, Origin::Snapshot { lsn: 40 }, &read(6))
-        .unwrap_err();
+    state.apply(0, 0, snapshot(50, 9), &read(3)).unwrap();
+    let older = state.apply(0, 1, snapshot(40, 10), &read(6)).unwrap_err();
     assert!(older.why.contains("LSN 40"), "{older}");
     let at = Origin::Stream(Position { commit: 0, lsn: 60 });
     let create = TableChange::Order(Change {
@@ -756,9 +761,7 @@ fn an_event_that_cannot_be_placed_is_an_error() {
         after: Some(order(9, 0, 0, 100)),
     });
     state.apply(0, 2, at, &create).unwrap();
-    let late = state
-        .apply(0, 3, Origin::Snapshot { lsn: 50 }, &read(12))
-        .unwrap_err();
+    let late = state.apply(0, 3, snapshot(50, 9), &read(12)).unwrap_err();
     assert!(late.why.contains("after streaming began"), "{late}");
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::str::FromStr;
 
 use etl::aggregate::{OrderTotals, OrdersByMinute, ProductInfo, Products, SourceMark, StoredRow};
-use etl::cdc::{Minute, Position};
+use etl::cdc::{Minute, Position, SnapshotId};
 use rust_decimal::Decimal;
 
 fn dec(s: &str) -> Decimal {
@@ -22,7 +22,10 @@ async fn rows_round_trip_and_the_highest_offset_wins() {
     // The source mark travels with the row: several source rows at one
     // position (a COPY page), and a position past 2^32.
     let mark = |offset: i64| SourceMark {
-        snapshot: 26_497_000,
+        snapshot: SnapshotId {
+            lsn: 26_497_000,
+            started_ms: 1_795_505_416_569,
+        },
         snapshot_offset: 1,
         position: Position {
             commit: 5_000_000_000 + offset as u64,

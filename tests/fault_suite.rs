@@ -12,8 +12,6 @@ use common::eventually;
 use common::pipeline::{
     wait, Processor, Run, StartedAgainOnFailure, PARTITIONS, SESSION_TIMEOUT, TABLES,
 };
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 
 /// One fault test at a time: they stop ClickHouse and the broker.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -116,36 +114,6 @@ fn check_dead_letters(run: &Run, replays: bool) -> usize {
     seen.len()
 }
 
-/// Records of the table topics not yet committed by the run's group.
-fn lag(run: &Run) -> i64 {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", run.stack.get("ETL_KAFKA_BROKERS"))
-        .set("group.id", &run.group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for table in TABLES {
-        for p in 0..PARTITIONS {
-            tpl.add_partition(&run.table_topic(table), p);
-        }
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    let mut lag = 0;
-    for e in committed.elements() {
-        let (low, high) = consumer
-            .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))
-            .unwrap();
-        let at = match e.offset() {
-            Offset::Offset(o) => o,
-            _ => low,
-        };
-        lag += high - at;
-    }
-    lag
-}
-
 /// A run whose processors flush often and commit seldom, so that a crash
 /// nearly always finds events flushed but not committed: exactly what the
 /// offset guard must not count twice.
@@ -203,7 +171,7 @@ async fn without_the_offset_guard_the_kill_test_finds_differences() {
     eventually(
         "the group to commit everything",
         Duration::from_secs(120),
-        || async { (lag(&run) == 0).then_some(()) },
+        || async { (run.lag() == 0).then_some(()) },
     )
     .await;
     processor.terminate();
@@ -516,7 +484,7 @@ async fn poison_events_go_to_the_dead_letter_topic_and_the_rest_is_counted() {
     eventually(
         "the group to commit everything",
         Duration::from_secs(60),
-        || async { (lag(&run) == 0).then_some(()) },
+        || async { (run.lag() == 0).then_some(()) },
     )
     .await;
     processor.terminate();

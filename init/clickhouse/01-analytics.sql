@@ -7,10 +7,13 @@
 -- counted twice. Read with FINAL (or argMax) and sum over source_partition.
 --
 -- The sums also keep, in every row, how far into Postgres's log the
--- partition had been applied when the row was written (source_snapshot,
--- source_snapshot_offset, source_commit, source_lsn, source_rows): what recognises an event Debezium
--- sends again at a new offset. The processor adds these columns to tables
--- created before them.
+-- partition had been applied when the row was written: the snapshot the rows
+-- start from (source_snapshot: its LSN, source_snapshot_ms: its start,
+-- source_snapshot_offset: its first row's offset) and the position of the last
+-- streamed change (source_commit, source_lsn, and source_rows: the primary keys
+-- applied at exactly that position). That is what recognises an event
+-- Debezium sends again at a new offset. The processor adds these columns to
+-- tables created before them.
 CREATE DATABASE IF NOT EXISTS analytics;
 
 -- Orders by (minute of created_at, UTC; status): count and sum(total_amount).
@@ -23,6 +26,7 @@ CREATE TABLE IF NOT EXISTS analytics.orders_by_minute
     revenue          Decimal(18, 2),
     source_offset    UInt64,
     source_snapshot  UInt64,
+    source_snapshot_ms Int64,
     source_snapshot_offset UInt64,
     source_commit    UInt64,
     source_lsn       UInt64,
@@ -42,6 +46,7 @@ CREATE TABLE IF NOT EXISTS analytics.product_sales
     lines            Int64,
     source_offset    UInt64,
     source_snapshot  UInt64,
+    source_snapshot_ms Int64,
     source_snapshot_offset UInt64,
     source_commit    UInt64,
     source_lsn       UInt64,
@@ -58,6 +63,7 @@ CREATE TABLE IF NOT EXISTS analytics.customers_by_minute
     customers        Int64,
     source_offset    UInt64,
     source_snapshot  UInt64,
+    source_snapshot_ms Int64,
     source_snapshot_offset UInt64,
     source_commit    UInt64,
     source_lsn       UInt64,

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::{Aggregate, Measure, Offset, Partition};
-use crate::cdc::{Origin, Position, TableChange};
+use crate::cdc::{Origin, Position, SnapshotId, TableChange};
 
 #[derive(Debug, Clone)]
 struct Entry<V> {
@@ -72,8 +72,8 @@ pub struct StoredRow<K, V> {
 /// (ARCHITECTURE.md, "Exactly once from Postgres").
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SourceMark {
-    /// The LSN of the snapshot the rows start from (0: none seen yet).
-    pub snapshot: u64,
+    /// The snapshot the rows start from (zero: none seen yet).
+    pub snapshot: SnapshotId,
     /// The offset of that snapshot's first row in the partition: events
     /// before it belong to what the snapshot replaced.
     pub snapshot_offset: Offset,
@@ -115,7 +115,7 @@ struct PartitionState<K, V> {
     /// The highest offset among the rows loaded from the sink: events up to
     /// it were handled by an earlier owner, and are a replay.
     loaded_to: Option<Offset>,
-    snapshot: u64,
+    snapshot: SnapshotId,
     snapshot_offset: Offset,
     position: Position,
     /// Kept small: more than one only inside a COPY page.
@@ -128,7 +128,7 @@ impl<K, V> Default for PartitionState<K, V> {
             rows: HashMap::default(),
             watermark: None,
             loaded_to: None,
-            snapshot: 0,
+            snapshot: SnapshotId::default(),
             snapshot_offset: 0,
             position: Position::default(),
             rows_at_position: Vec::new(),
@@ -160,7 +160,7 @@ impl<K, V: Default> PartitionState<K, V> {
     /// Whether the rows came with a mark: rows written before marks existed
     /// (or never) say nothing about positions.
     fn has_mark(&self) -> bool {
-        self.snapshot != 0 || self.position != Position::default()
+        self.snapshot != SnapshotId::default() || self.position != Position::default()
     }
 
     fn mark(&self) -> SourceMark {
@@ -174,12 +174,12 @@ impl<K, V: Default> PartitionState<K, V> {
 
     /// A new snapshot replaces everything the partition's rows hold: they
     /// start again from zero just before `offset`, the snapshot's first row.
-    fn start_snapshot(&mut self, lsn: u64, offset: Offset) {
+    fn start_snapshot(&mut self, snapshot: SnapshotId, offset: Offset) {
         for entry in self.rows.values_mut() {
             entry.value = V::default();
             entry.stamp = Stamp::changed(entry.stamp.offset().max(offset - 1));
         }
-        self.snapshot = lsn;
+        self.snapshot = snapshot;
         self.snapshot_offset = offset;
         self.position = Position::default();
         self.rows_at_position.clear();
@@ -191,7 +191,7 @@ pub struct AggregateState<A: Aggregate> {
     partitions: HashMap<Partition, PartitionState<A::Key, A::Value>, Hasher>,
     /// The newest snapshot any partition has seen: a partition that goes on
     /// to stream without having seen it had no rows in it.
-    latest_snapshot: u64,
+    latest_snapshot: SnapshotId,
     offset_guard: bool,
     position_guard: bool,
 }
@@ -200,7 +200,7 @@ impl<A: Aggregate> Default for AggregateState<A> {
     fn default() -> Self {
         AggregateState {
             partitions: HashMap::default(),
-            latest_snapshot: 0,
+            latest_snapshot: SnapshotId::default(),
             offset_guard: true,
             position_guard: true,
         }
@@ -296,12 +296,11 @@ impl<A: Aggregate> AggregateState<A> {
                 }
                 state.advance(position, row);
             }
-            Origin::Snapshot { lsn } if replay => {
-                if checked_replay && lsn != state.snapshot {
+            Origin::Snapshot(snapshot) if replay => {
+                if checked_replay && snapshot != state.snapshot {
                     return Err(unplaceable(format!(
-                        "the offset was counted before, but its event is a row of the snapshot \
-                         at LSN {lsn}, where the rows start from the one at LSN {}: the topic \
-                         started over",
+                        "the offset was counted before, but its event is a row of {snapshot}, \
+                         where the rows start from {}: the topic started over",
                         state.snapshot
                     )));
                 }
@@ -310,26 +309,26 @@ impl<A: Aggregate> AggregateState<A> {
             // lost its place (its slot or offsets were recreated, or a
             // snapshot was signalled): changes between the two may be lost
             // or come again, which no guard can settle. Stop.
-            Origin::Snapshot { lsn } if state.position != Position::default() => {
+            Origin::Snapshot(snapshot) if state.position != Position::default() => {
                 return Err(unplaceable(format!(
-                    "a row of a snapshot (LSN {lsn}) after streamed changes up to position {}: \
-                     a new snapshot after streaming began; rebuild the aggregates",
+                    "a row of {snapshot} after streamed changes up to position {}: a new \
+                     snapshot after streaming began; rebuild the aggregates",
                     state.position
                 )));
             }
-            Origin::Snapshot { lsn } => match lsn.cmp(&state.snapshot) {
+            Origin::Snapshot(snapshot) => match snapshot.cmp(&state.snapshot) {
                 // A snapshot that started over (the engine stopped during it)
                 // comes back at a new, higher LSN: its rows replace those of
                 // the unfinished one.
                 Ordering::Greater => {
-                    state.start_snapshot(lsn, offset);
+                    state.start_snapshot(snapshot, offset);
                     applied.new_snapshot = true;
                 }
                 Ordering::Equal => {}
                 Ordering::Less => {
                     return Err(unplaceable(format!(
-                        "a row of a snapshot at LSN {lsn}, below the snapshot at LSN {} the \
-                         partition's rows start from: the source's log started over",
+                        "a row of {snapshot}, older than {} the partition's rows start from: \
+                         the source's log started over",
                         state.snapshot
                     )))
                 }
@@ -358,8 +357,8 @@ impl<A: Aggregate> AggregateState<A> {
             }
             applied.keys_updated += 1;
         }
-        if let Origin::Snapshot { lsn } = origin {
-            self.latest_snapshot = self.latest_snapshot.max(lsn);
+        if let Origin::Snapshot(snapshot) = origin {
+            self.latest_snapshot = self.latest_snapshot.max(snapshot);
         }
         Ok(applied)
     }
@@ -541,7 +540,10 @@ mod tests {
     }
 
     fn snapshot() -> Origin {
-        Origin::Snapshot { lsn: 1 }
+        Origin::Snapshot(SnapshotId {
+            lsn: 1,
+            started_ms: 1,
+        })
     }
 
     #[test]

@@ -174,8 +174,8 @@ pub mod naive {
 
     use crate::bench::synthetic::Message;
     use crate::cdc::{
-        Change, Customer, Op, Order, OrderItem, Origin, Position, Product, ProductKey, Table,
-        TableChange,
+        Change, Customer, Op, Order, OrderItem, Origin, Position, Product, ProductKey, SnapshotId,
+        Table, TableChange,
     };
     use crate::replay::AllAggregates;
 
@@ -237,7 +237,10 @@ pub mod naive {
         let source = &envelope["source"];
         let lsn = source["lsn"].as_u64().ok_or("no source.lsn")?;
         let origin = match op {
-            Op::Read => Origin::Snapshot { lsn },
+            Op::Read => Origin::Snapshot(SnapshotId {
+                lsn,
+                started_ms: source["ts_ms"].as_i64().ok_or("no source.ts_ms")?,
+            }),
             _ => {
                 let sequence: Vec<Option<String>> =
                     serde_json::from_str(source["sequence"].as_str().ok_or("no sequence")?)

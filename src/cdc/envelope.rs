@@ -57,6 +57,7 @@ impl SourceInfo {
             })?),
         };
         Ok(SourceFields {
+            ts_ms: self.ts_ms,
             lsn: self.lsn,
             sequence,
             incremental: self.snapshot.as_ref().and_then(|s| s.as_str()) == Some("incremental"),
@@ -141,7 +142,7 @@ fn decode_scanned(
 ) -> Result<Event, DecodeError> {
     let event = |decoded| Event {
         decoded,
-        committed_at_ms: envelope.ts_ms,
+        committed_at_ms: envelope.source.ts_ms,
     };
     let op = match parse_op(Some(envelope.op))? {
         Some(op) => op,
@@ -402,7 +403,7 @@ mod tests {
                "parameters":{"scale":"2","connect.decimal.precision":"12"},"field":"total_amount"},
               {"type":"int64","name":"io.debezium.time.MicroTimestamp","field":"created_at"}]}]},
           "payload":{"before":null,"after":{"id":7,"status":"paid","total_amount":"DqU=",
-            "created_at":1706778010000000},"op":"r","source":{"lsn":5}}}"#;
+            "created_at":1706778010000000},"op":"r","source":{"lsn":5,"ts_ms":1}}}"#;
         let after = order_change(value).after.unwrap();
         assert_eq!(after.total_amount.to_string(), "37.49");
         assert_eq!(after.created_at.timestamp(), 1_706_778_010);
@@ -423,8 +424,9 @@ mod tests {
         };
         assert_eq!(at(&off), Some(1_706_778_010_250));
         assert_eq!(at(&on), Some(17));
-        let no_source =
-            format!(r#"{{"before":null,"after":{ORDER_AFTER},"op":"r","source":{{"lsn":5}}}}"#);
+        let no_source = format!(
+            r#"{{"before":null,"after":{ORDER_AFTER},"op":"c","source":{{"sequence":"[null,\"5\"]","lsn":5}}}}"#
+        );
         assert_eq!(at(&no_source), None);
     }
 
@@ -466,14 +468,20 @@ mod tests {
             (
                 order(
                     "r",
-                    r#"{"snapshot":"last","sequence":"[null,\"9\"]","lsn":9}"#,
+                    r#"{"snapshot":"last","sequence":"[null,\"9\"]","lsn":9,"ts_ms":1}"#,
                 ),
-                Ok(Origin::Snapshot { lsn: 9 }),
+                Ok(Origin::Snapshot(crate::cdc::SnapshotId {
+                    lsn: 9,
+                    started_ms: 1,
+                })),
                 true,
             ),
             (
-                order("r", r#"{"snapshot":null,"lsn":9}"#),
-                Ok(Origin::Snapshot { lsn: 9 }),
+                order("r", r#"{"snapshot":null,"lsn":9,"ts_ms":1}"#),
+                Ok(Origin::Snapshot(crate::cdc::SnapshotId {
+                    lsn: 9,
+                    started_ms: 1,
+                })),
                 true,
             ),
             // Beyond 2^53, where a float would round.
@@ -492,8 +500,11 @@ mod tests {
                 false,
             ),
             (
-                order("r", r#"{"snapshot":true,"lsn":9}"#),
-                Ok(Origin::Snapshot { lsn: 9 }),
+                order("r", r#"{"snapshot":true,"lsn":9,"ts_ms":1}"#),
+                Ok(Origin::Snapshot(crate::cdc::SnapshotId {
+                    lsn: 9,
+                    started_ms: 1,
+                })),
                 false,
             ),
         ];
@@ -507,7 +518,8 @@ mod tests {
             order("c", r#"{"sequence":"[null,\"4\"]","lsn":null}"#),
             order("c", r#"{"sequence":"[4]","lsn":4}"#),
             order("c", r#"{"sequence":"[\"x\",\"4\"]","lsn":4}"#),
-            order("r", r#"{"snapshot":"incremental","lsn":4}"#),
+            order("r", r#"{"snapshot":"incremental","lsn":4,"ts_ms":1}"#),
+            order("r", r#"{"lsn":4}"#),
             format!(r#"{{"before":null,"after":{ORDER_AFTER},"op":"c"}}"#),
         ];
         for value in no_position {

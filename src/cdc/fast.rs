@@ -28,15 +28,7 @@ pub(crate) struct Envelope<'a> {
     pub before: Option<Columns<'a>>,
     pub after: Option<Columns<'a>>,
     pub op: &'a str,
-    pub ts_ms: Option<i64>,
     pub source: SourceFields,
-}
-
-/// What the scanner reads of `source`.
-#[derive(Debug, Default)]
-struct Source {
-    ts_ms: Option<i64>,
-    fields: SourceFields,
 }
 
 /// What the scanner read of a message.
@@ -324,11 +316,11 @@ impl<'a> Scanner<'a> {
 
     /// `source`: null, or an object of which only `ts_ms` and the position
     /// fields are read.
-    fn source(&mut self) -> Option<Source> {
+    fn source(&mut self) -> Option<SourceFields> {
         match self.peek()? {
             b'n' => {
                 self.literal(b"null")?;
-                Some(Source::default())
+                Some(SourceFields::default())
             }
             b'{' => {
                 // Sixteen keys of which four are read: the others are only
@@ -340,7 +332,7 @@ impl<'a> Scanner<'a> {
                 let mut snapshot: Option<bool> = None;
                 if self.peek()? == b'}' {
                     self.at += 1;
-                    return Some(Source::default());
+                    return Some(SourceFields::default());
                 }
                 loop {
                     self.eat(b'"')?;
@@ -381,13 +373,11 @@ impl<'a> Scanner<'a> {
                         b',' => self.at += 1,
                         b'}' => {
                             self.at += 1;
-                            return Some(Source {
+                            return Some(SourceFields {
                                 ts_ms: ts_ms.flatten(),
-                                fields: SourceFields {
-                                    lsn: lsn.flatten(),
-                                    sequence: sequence.flatten(),
-                                    incremental: snapshot.unwrap_or(false),
-                                },
+                                lsn: lsn.flatten(),
+                                sequence: sequence.flatten(),
+                                incremental: snapshot.unwrap_or(false),
                             });
                         }
                         _ => return None,
@@ -508,13 +498,11 @@ impl<'a> Scanner<'a> {
             }
             Some(())
         })?;
-        let source = source.unwrap_or_default();
         Some(Envelope {
             before: before.flatten(),
             after: after.flatten(),
             op: op?,
-            ts_ms: source.ts_ms,
-            source: source.fields,
+            source: source.unwrap_or_default(),
         })
     }
 }
@@ -599,7 +587,7 @@ mod tests {
             "transaction":null,"op":"c","ts_ms":1,"ts_ns":-0}"#;
         let e = bare(text);
         assert_eq!(e.op, "c");
-        assert_eq!(e.ts_ms, Some(17));
+        assert_eq!(e.source.ts_ms, Some(17));
         assert_eq!(e.before, None);
         assert_eq!(
             e.after.unwrap(),

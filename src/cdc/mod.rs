@@ -14,7 +14,7 @@ mod tables;
 
 pub use envelope::{decode, decode_event, Decoded, Event};
 pub use field::Minute;
-pub use position::{Origin, Position};
+pub use position::{Origin, Position, SnapshotId};
 pub use tables::{Customer, Order, OrderItem, Product, ProductKey, TableChange};
 
 use tables::{OldRow, OldRowNeed, SourceRow};

@@ -24,12 +24,31 @@ impl std::fmt::Display for Position {
     }
 }
 
+/// Which snapshot a row comes from: its LSN (the slot's consistent point)
+/// and when it started (`source.ts_ms`), both the same on all its rows. A
+/// snapshot taken again has a higher LSN, or the same one if nothing was
+/// written to the WAL in between, but always a later start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SnapshotId {
+    pub lsn: u64,
+    pub started_ms: i64,
+}
+
+impl std::fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the snapshot at LSN {} started at {} ms",
+            self.lsn, self.started_ms
+        )
+    }
+}
+
 /// What an event says about its place in the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
-    /// A row of the snapshot taken at this LSN. All rows of one snapshot
-    /// share it; a snapshot taken again has a new, higher one.
-    Snapshot { lsn: u64 },
+    /// A row of a snapshot.
+    Snapshot(SnapshotId),
     /// A streamed change (op c, u or d).
     Stream(Position),
 }
@@ -37,6 +56,7 @@ pub enum Origin {
 /// The position fields of an envelope's `source` block, as read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct SourceFields {
+    pub ts_ms: Option<i64>,
     pub lsn: Option<u64>,
     /// `sequence`, if present: its first element (None: `null`).
     pub sequence: Option<Option<u64>>,
@@ -63,7 +83,12 @@ impl SourceFields {
                 "a row of an incremental snapshot, which the aggregates cannot place: \
                  see \"A new snapshot\" in the README",
             )),
-            Op::Read => Ok(Origin::Snapshot { lsn }),
+            Op::Read => {
+                let started_ms = self.ts_ms.ok_or_else(|| {
+                    unplaced("no source.ts_ms, which tells a snapshot started again from the first")
+                })?;
+                Ok(Origin::Snapshot(SnapshotId { lsn, started_ms }))
+            }
             Op::Create | Op::Update | Op::Delete => {
                 let commit = self.sequence.ok_or_else(|| {
                     unplaced("no source.sequence, so its transaction's place is unknown")
@@ -138,14 +163,24 @@ mod tests {
     #[test]
     fn a_change_without_a_place_is_an_error_that_says_why() {
         let fields = SourceFields {
+            ts_ms: Some(7),
             lsn: Some(5),
             sequence: None,
             incremental: false,
         };
         assert_eq!(
             fields.origin(Table::Orders, Op::Read),
-            Ok(Origin::Snapshot { lsn: 5 })
+            Ok(Origin::Snapshot(SnapshotId {
+                lsn: 5,
+                started_ms: 7
+            }))
         );
+        let no_time = SourceFields {
+            ts_ms: None,
+            ..fields
+        };
+        let e = no_time.origin(Table::Orders, Op::Read).unwrap_err();
+        assert!(e.detail.contains("source.ts_ms"), "{e}");
         let e = fields.origin(Table::Orders, Op::Update).unwrap_err();
         assert_eq!(e.kind, DecodeErrorKind::NoPosition);
         assert!(e.detail.contains("source.sequence"), "{e}");
@@ -154,6 +189,7 @@ mod tests {
             .unwrap_err();
         assert!(e.detail.contains("source.lsn"), "{e}");
         let incremental = SourceFields {
+            ts_ms: Some(7),
             lsn: Some(5),
             sequence: Some(None),
             incremental: true,

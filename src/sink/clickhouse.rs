@@ -14,7 +14,7 @@ use crate::aggregate::{
     Aggregate, CustomerTotals, CustomersByMinute, OrderTotals, OrdersByMinute, ProductInfo,
     ProductSales, Products, SalesTotals, SourceMark, StoredRow,
 };
-use crate::cdc::{Minute, Position};
+use crate::cdc::{Minute, Position, SnapshotId};
 use crate::config::{ClickHouseConfig, Validation};
 
 #[derive(Debug, thiserror::Error)]
@@ -315,9 +315,10 @@ fn offset_to_u64(o: i64) -> u64 {
 }
 
 /// The source mark's columns, in the order the row structs list them.
-fn mark_columns(m: &SourceMark) -> (u64, u64, u64, u64, Vec<i64>) {
+fn mark_columns(m: &SourceMark) -> (u64, i64, u64, u64, u64, Vec<i64>) {
     (
-        m.snapshot,
+        m.snapshot.lsn,
+        m.snapshot.started_ms,
         offset_to_u64(m.snapshot_offset),
         m.position.commit,
         m.position.lsn,
@@ -326,14 +327,16 @@ fn mark_columns(m: &SourceMark) -> (u64, u64, u64, u64, Vec<i64>) {
 }
 
 fn mark_of(
-    snapshot: u64,
+    (snapshot_lsn, started_ms): (u64, i64),
     snapshot_offset: u64,
-    commit: u64,
-    lsn: u64,
+    (commit, lsn): (u64, u64),
     rows: Vec<i64>,
 ) -> SourceMark {
     SourceMark {
-        snapshot,
+        snapshot: SnapshotId {
+            lsn: snapshot_lsn,
+            started_ms,
+        },
         snapshot_offset: snapshot_offset as i64,
         position: Position { commit, lsn },
         rows: rows.into(),
@@ -349,6 +352,7 @@ pub struct OrdersByMinuteRow {
     pub revenue: i64,
     pub source_offset: u64,
     pub source_snapshot: u64,
+    pub source_snapshot_ms: i64,
     pub source_snapshot_offset: u64,
     pub source_commit: u64,
     pub source_lsn: u64,
@@ -358,8 +362,14 @@ pub struct OrdersByMinuteRow {
 impl SinkTable for OrdersByMinute {
     type Row = OrdersByMinuteRow;
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
-        let (source_snapshot, source_snapshot_offset, source_commit, source_lsn, source_rows) =
-            mark_columns(&r.mark);
+        let (
+            source_snapshot,
+            source_snapshot_ms,
+            source_snapshot_offset,
+            source_commit,
+            source_lsn,
+            source_rows,
+        ) = mark_columns(&r.mark);
         Ok(OrdersByMinuteRow {
             minute: minute_to_datetime(Self::NAME, r.key.0)?,
             status: r.key.1.clone(),
@@ -368,6 +378,7 @@ impl SinkTable for OrdersByMinute {
             revenue: cents(Self::NAME, r.value.revenue)?,
             source_offset: offset_to_u64(r.offset),
             source_snapshot,
+            source_snapshot_ms,
             source_snapshot_offset,
             source_commit,
             source_lsn,
@@ -384,10 +395,9 @@ impl SinkTable for OrdersByMinute {
             },
             offset: r.source_offset as i64,
             mark: mark_of(
-                r.source_snapshot,
+                (r.source_snapshot, r.source_snapshot_ms),
                 r.source_snapshot_offset,
-                r.source_commit,
-                r.source_lsn,
+                (r.source_commit, r.source_lsn),
                 r.source_rows,
             ),
         })
@@ -403,6 +413,7 @@ pub struct ProductSalesRow {
     pub lines: i64,
     pub source_offset: u64,
     pub source_snapshot: u64,
+    pub source_snapshot_ms: i64,
     pub source_snapshot_offset: u64,
     pub source_commit: u64,
     pub source_lsn: u64,
@@ -412,8 +423,14 @@ pub struct ProductSalesRow {
 impl SinkTable for ProductSales {
     type Row = ProductSalesRow;
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
-        let (source_snapshot, source_snapshot_offset, source_commit, source_lsn, source_rows) =
-            mark_columns(&r.mark);
+        let (
+            source_snapshot,
+            source_snapshot_ms,
+            source_snapshot_offset,
+            source_commit,
+            source_lsn,
+            source_rows,
+        ) = mark_columns(&r.mark);
         Ok(ProductSalesRow {
             product_id: r.key,
             source_partition: partition_to_u32(r.partition),
@@ -422,6 +439,7 @@ impl SinkTable for ProductSales {
             lines: r.value.lines,
             source_offset: offset_to_u64(r.offset),
             source_snapshot,
+            source_snapshot_ms,
             source_snapshot_offset,
             source_commit,
             source_lsn,
@@ -439,10 +457,9 @@ impl SinkTable for ProductSales {
             },
             offset: r.source_offset as i64,
             mark: mark_of(
-                r.source_snapshot,
+                (r.source_snapshot, r.source_snapshot_ms),
                 r.source_snapshot_offset,
-                r.source_commit,
-                r.source_lsn,
+                (r.source_commit, r.source_lsn),
                 r.source_rows,
             ),
         })
@@ -456,6 +473,7 @@ pub struct CustomersByMinuteRow {
     pub customers: i64,
     pub source_offset: u64,
     pub source_snapshot: u64,
+    pub source_snapshot_ms: i64,
     pub source_snapshot_offset: u64,
     pub source_commit: u64,
     pub source_lsn: u64,
@@ -465,14 +483,21 @@ pub struct CustomersByMinuteRow {
 impl SinkTable for CustomersByMinute {
     type Row = CustomersByMinuteRow;
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
-        let (source_snapshot, source_snapshot_offset, source_commit, source_lsn, source_rows) =
-            mark_columns(&r.mark);
+        let (
+            source_snapshot,
+            source_snapshot_ms,
+            source_snapshot_offset,
+            source_commit,
+            source_lsn,
+            source_rows,
+        ) = mark_columns(&r.mark);
         Ok(CustomersByMinuteRow {
             minute: minute_to_datetime(Self::NAME, r.key)?,
             source_partition: partition_to_u32(r.partition),
             customers: r.value.customers,
             source_offset: offset_to_u64(r.offset),
             source_snapshot,
+            source_snapshot_ms,
             source_snapshot_offset,
             source_commit,
             source_lsn,
@@ -488,10 +513,9 @@ impl SinkTable for CustomersByMinute {
             },
             offset: r.source_offset as i64,
             mark: mark_of(
-                r.source_snapshot,
+                (r.source_snapshot, r.source_snapshot_ms),
                 r.source_snapshot_offset,
-                r.source_commit,
-                r.source_lsn,
+                (r.source_commit, r.source_lsn),
                 r.source_rows,
             ),
         })
@@ -589,6 +613,7 @@ mod tests {
                 "lines Int64",
                 "source_offset UInt64",
                 "source_snapshot UInt64",
+                "source_snapshot_ms Int64",
                 "source_snapshot_offset UInt64",
                 "source_commit UInt64",
                 "source_lsn UInt64",

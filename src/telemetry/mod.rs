@@ -300,6 +300,8 @@ pub fn log_summary() {
         truncates = %render(&c.truncates),
         decode_errors = %render(&c.decode_errors),
         replays_skipped = %render(&c.replays_skipped),
+        source_repeats = %render(&c.source_repeats),
+        new_snapshots = %render(&c.new_snapshots),
         dead_letters = %render(&c.dead_letters),
         actor_exits = %render(&c.actor_exits),
         restarts = %render(&c.restarts),

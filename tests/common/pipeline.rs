@@ -83,6 +83,8 @@ pub struct Run {
     pub started: u32,
     /// Extra ETL_* settings of every processor this run starts.
     pub settings: HashMap<String, String>,
+    /// The prefix of the table topics it reads (the stack's, unless set).
+    pub topic_prefix: String,
 }
 
 impl Run {
@@ -96,6 +98,7 @@ impl Run {
         eprintln!("{name}: database {database}, logs in {}", logs.display());
         super::fresh_analytics_db(&stack, &database).await;
         let run = Run {
+            topic_prefix: stack.get("ETL_TOPIC_PREFIX").to_owned(),
             dead_letter_topic: format!("{database}.dead_letter"),
             group: format!("{database}-group"),
             stack,
@@ -112,6 +115,12 @@ impl Run {
     pub fn set(&mut self, name: &str, value: impl ToString) -> &mut Run {
         self.settings.insert(name.to_owned(), value.to_string());
         self
+    }
+
+    /// Reads the table topics of another connector's `prefix`.
+    pub fn read_topics_of(&mut self, prefix: &str) -> &mut Run {
+        self.topic_prefix = prefix.to_owned();
+        self.set("ETL_TOPIC_PREFIX", prefix)
     }
 
     /// Creates a topic (the broker does not on produce); an existing one is fine.
@@ -311,8 +320,38 @@ impl Run {
         q.fetch_one::<Lines>().await.unwrap().lines
     }
 
+    /// Records of the table topics not yet committed by the run's group.
+    pub fn lag(&self) -> i64 {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.stack.get("ETL_KAFKA_BROKERS"))
+            .set("group.id", &self.group)
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for table in TABLES {
+            for p in 0..PARTITIONS {
+                tpl.add_partition(&self.table_topic(table), p);
+            }
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap();
+        let mut lag = 0;
+        for e in committed.elements() {
+            let (low, high) = consumer
+                .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))
+                .unwrap();
+            let at = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => low,
+            };
+            lag += high - at;
+        }
+        lag
+    }
+
     pub fn table_topic(&self, table: &str) -> String {
-        format!("{}.public.{table}", self.stack.get("ETL_TOPIC_PREFIX"))
+        format!("{}.public.{table}", self.topic_prefix)
     }
 
     /// Every record of `topic` (all partitions) up to its current end.
