@@ -1,14 +1,16 @@
-//! What happens upstream of the processor, on the real stack: a source that
-//! starts over must never be counted on silently.
+//! What happens upstream of the processor, on the real stack: a connector
+//! that is killed and sends events again, and a source that starts over,
+//! must never be counted on silently.
 
 mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::eventually;
-use common::pipeline::{Run, PARTITIONS, TABLES};
+use common::pipeline::{wait, Run, PARTITIONS, TABLES};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 
 /// Exit code of a processor that found a partition's log started over.
 const EXIT_LOG_STARTED_OVER: i32 = 5;
@@ -144,4 +146,285 @@ async fn a_log_that_started_over_stops_the_processor_and_counts_nothing() {
     );
     assert_eq!(after.compared, before.compared);
     drop(broker);
+}
+
+/// A Debezium engine of one test's own: its own replication slot, offsets
+/// and topics, so that it can be killed without touching the stack's.
+struct OwnEngine {
+    prefix: String,
+    slot: String,
+    dir: PathBuf,
+    python: String,
+    brokers: String,
+    pg: [(&'static str, String); 4],
+    child: Option<Child>,
+}
+
+impl OwnEngine {
+    /// Creates its topics; nothing runs yet.
+    fn new(run: &Run) -> OwnEngine {
+        let prefix = format!("{}_src", run.database);
+        for table in TABLES {
+            run.create_topic(&format!("{prefix}.public.{table}"), PARTITIONS);
+        }
+        run.create_topic(&format!("__debezium-heartbeat.{prefix}"), 1);
+        let dir = run.logs.join("engine");
+        std::fs::create_dir_all(&dir).unwrap();
+        OwnEngine {
+            slot: format!("{}_slot", run.database),
+            prefix,
+            dir,
+            python: run.stack.get("STACK_PYTHON").to_owned(),
+            brokers: run.stack.get("ETL_KAFKA_BROKERS").to_owned(),
+            pg: ["PGHOST", "PGPORT", "PGUSER", "PGDATABASE"]
+                .map(|k| (k, run.stack.get(k).to_owned())),
+            child: None,
+        }
+    }
+
+    /// Starts the engine on its stored offsets, with connector settings
+    /// `extra` on top of the project's connector and of a Kafka Connect
+    /// worker's habit of storing offsets only every few seconds: a kill
+    /// then makes it send again what it sent since.
+    fn start(&mut self, extra: &[&str]) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("engine.log"))
+            .unwrap();
+        let mut cmd = Command::new(&self.python);
+        cmd.arg(common::repo_root().join("scripts/debezium-engine.py"))
+            .arg("--state-dir")
+            .arg(&self.dir)
+            .args(["--sink", "kafka", "--brokers", &self.brokers])
+            .args(["--set", &format!("topic.prefix={}", self.prefix)])
+            .args(["--set", &format!("slot.name={}", self.slot)])
+            .args([
+                "--set",
+                &format!("offset.flush.interval.ms={}", OFFSET_FLUSH.as_millis()),
+            ]);
+        for setting in extra {
+            cmd.args(["--set", setting]);
+        }
+        let child = cmd
+            .envs(self.pg.iter().map(|(k, v)| (k, v)))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("the Debezium engine starts");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: the engine stores no offsets on its way out.
+    fn kill(&mut self) {
+        let mut child = self.child.take().expect("the engine runs");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Waits until the engine reads the WAL and has stored offsets that say
+    /// so: killed before that, it would take a new snapshot (the case the
+    /// processor stops on, not the one these kills are about).
+    async fn streaming(&self, run: &Run) {
+        let sql = "SELECT count(*) FROM pg_replication_slots s \
+                   JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                   WHERE s.slot_name = $1 AND r.state = 'streaming'";
+        let (pg, conn) =
+            tokio_postgres::connect(run.stack.get("ETL_POSTGRES_URL"), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let offsets = self.dir.join("offsets.dat");
+        eventually(
+            "the engine to stream with its offsets stored",
+            Duration::from_secs(180),
+            || async {
+                let n: i64 = pg.query_one(sql, &[&self.slot]).await.unwrap().get(0);
+                let stored = std::fs::read(&offsets).unwrap_or_default();
+                // Offsets of a snapshot under way hold "snapshot":"INITIAL".
+                let streaming = contains(&stored, b"\"lsn\"")
+                    && (!contains(&stored, b"\"snapshot\"")
+                        || contains(&stored, b"\"snapshot_completed\":true"));
+                (n == 1 && streaming).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+impl Drop for OwnEngine {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.kill();
+        }
+        // The slot holds WAL back until dropped; it can be dropped once its
+        // walsender has noticed the engine is gone.
+        let sql = format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = '{}' AND NOT active",
+            self.slot
+        );
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            let out = Command::new("psql")
+                .args(["-X", "-tA", "-c", &sql])
+                .envs(self.pg.iter().map(|(k, v)| (k, v)))
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).trim() == "" && out.status.success() {
+                let left = Command::new("psql")
+                    .args(["-X", "-tA", "-c"])
+                    .arg(format!(
+                        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}'",
+                        self.slot
+                    ))
+                    .envs(self.pg.iter().map(|(k, v)| (k, v)))
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&left.stdout).trim() == "0" {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!("replication slot {} left behind", self.slot);
+    }
+}
+
+/// How often the test's engine stores its offsets. Kafka Connect's default
+/// is a minute; a few seconds keep the test short and still make every kill
+/// send again the events of the seconds before it.
+const OFFSET_FLUSH: Duration = Duration::from_secs(5);
+
+/// Records in all partitions of `topic`.
+fn records_in(run: &Run, topic: &str, partitions: i32) -> i64 {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", run.stack.get("ETL_KAFKA_BROKERS"))
+        .create()
+        .unwrap();
+    (0..partitions)
+        .map(|p| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap();
+            high - low
+        })
+        .sum()
+}
+
+/// The sum of a counter over its label sets, from /metrics.
+async fn counter(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Workload seeds of their own (ids from 1000 + seed * 100000 on), apart
+/// from the other suites' seeds.
+fn seeds() -> u64 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    700_000 + now.as_secs() % 3_000 * 20
+}
+
+/// The issue's scenario: the connector is SIGKILLed 10 times, once during
+/// its initial snapshot and 9 times during workloads, and sends again what
+/// it had not stored offsets for, at new Kafka offsets. Two processors read
+/// the same topics: with the position guard, the aggregates end exact; the
+/// negative control, without it, must find differences, or the test proves
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn ten_engine_kills_neither_lose_nor_double_count() {
+    let mut guarded = Run::new("engine_kills").await;
+    let mut unguarded = Run::new("engine_kills_unguarded").await;
+    let mut engine = OwnEngine::new(&guarded);
+    guarded.read_topics_of(&engine.prefix);
+    unguarded
+        .read_topics_of(&engine.prefix)
+        .set("ETL_FAULT_NO_POSITION_GUARD", "true");
+    let mut processors = [guarded.start_processor(), unguarded.start_processor()];
+
+    // Kill 1: during the initial snapshot, slowed to batches of 10 rows.
+    engine.start(&["max.batch.size=10"]);
+    let prefix = engine.prefix.clone();
+    let topic = |table: &str| format!("{prefix}.public.{table}");
+    eventually(
+        "the snapshot to begin",
+        Duration::from_secs(180),
+        || async { (records_in(&guarded, &topic("customers"), PARTITIONS) > 0).then_some(()) },
+    )
+    .await;
+    engine.kill();
+    let items = records_in(&guarded, &topic("order_items"), PARTITIONS);
+    assert_eq!(
+        items, 0,
+        "the snapshot ended before the kill: it reached order_items"
+    );
+    eprintln!("engine_kills: kill 1 of 10 during the initial snapshot");
+    engine.start(&[]);
+    engine.streaming(&guarded).await;
+
+    // Kills 2 to 10: each in the middle of a workload, which goes on while
+    // the engine is down.
+    let first = seeds();
+    let mut rng = fastrand::Rng::with_seed(first);
+    for kill in 2..=10 {
+        let seed = first + kill;
+        let mut workload = guarded.start_workload(seed, "--size small");
+        let orders = rng.i64(3..40);
+        guarded.workload_reaches(seed, orders).await;
+        engine.kill();
+        eprintln!("engine_kills: kill {kill} of 10 after {orders} orders of workload {seed}");
+        wait(&mut workload, "workload");
+        engine.start(&[]);
+        engine.streaming(&guarded).await;
+    }
+
+    let report = guarded.caught_up("after 10 engine kills").await;
+    let base = guarded.metrics_base_url(1).await;
+    let repeats = counter(&base, "etl_source_repeats_skipped_total").await;
+    let snapshots = counter(&base, "etl_new_snapshots_total").await;
+    eprintln!(
+        "engine_kills: exact over {} keys; {repeats} events sent again were skipped, {snapshots} \
+         partitions took the restarted snapshot",
+        report.compared
+    );
+    assert!(
+        repeats > 0.0,
+        "the kills made the connector send nothing again"
+    );
+    assert!(snapshots > 0.0, "no partition saw the restarted snapshot");
+
+    eventually(
+        "the unguarded processor to commit everything",
+        Duration::from_secs(120),
+        || async { (unguarded.lag() == 0).then_some(()) },
+    )
+    .await;
+    for processor in &mut processors {
+        processor.terminate();
+    }
+    let without = unguarded.reconcile().await;
+    eprintln!(
+        "engine_kills: without the position guard, {} differences in {} keys",
+        without.differences.len(),
+        without.compared
+    );
+    assert!(
+        !without.is_exact(),
+        "without the position guard, the repeats must count twice"
+    );
+    drop(engine);
 }

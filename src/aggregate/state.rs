@@ -174,7 +174,9 @@ impl<K, V: Default> PartitionState<K, V> {
 
     /// A new snapshot replaces everything the partition's rows hold: they
     /// start again from zero just before `offset`, the snapshot's first row.
-    fn start_snapshot(&mut self, snapshot: SnapshotId, offset: Offset) {
+    /// Returns whether it replaced an earlier snapshot.
+    fn start_snapshot(&mut self, snapshot: SnapshotId, offset: Offset) -> bool {
+        let replaced = self.snapshot != SnapshotId::default();
         for entry in self.rows.values_mut() {
             entry.value = V::default();
             entry.stamp = Stamp::changed(entry.stamp.offset().max(offset - 1));
@@ -183,6 +185,7 @@ impl<K, V: Default> PartitionState<K, V> {
         self.snapshot_offset = offset;
         self.position = Position::default();
         self.rows_at_position.clear();
+        replaced
     }
 }
 
@@ -215,8 +218,8 @@ pub struct Applied {
     pub keys_skipped: u32,
     /// The event is one the source sent again, at a new offset.
     pub redelivered: bool,
-    /// The event is the first of a new snapshot, which replaced the
-    /// partition's rows.
+    /// The event is the first of a snapshot taken again, which replaced
+    /// the partition's rows of the earlier one.
     pub new_snapshot: bool,
 }
 
@@ -291,8 +294,7 @@ impl<A: Aggregate> AggregateState<A> {
                 if state.position == Position::default() && state.snapshot < latest_snapshot {
                     // The snapshot started over and sent this partition no
                     // rows: the table had none of its keys by then.
-                    state.start_snapshot(latest_snapshot, offset);
-                    applied.new_snapshot = true;
+                    applied.new_snapshot = state.start_snapshot(latest_snapshot, offset);
                 }
                 state.advance(position, row);
             }
@@ -321,8 +323,7 @@ impl<A: Aggregate> AggregateState<A> {
                 // comes back at a new, higher LSN: its rows replace those of
                 // the unfinished one.
                 Ordering::Greater => {
-                    state.start_snapshot(snapshot, offset);
-                    applied.new_snapshot = true;
+                    applied.new_snapshot = state.start_snapshot(snapshot, offset);
                 }
                 Ordering::Equal => {}
                 Ordering::Less => {
