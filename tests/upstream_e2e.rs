@@ -428,3 +428,97 @@ async fn ten_engine_kills_neither_lose_nor_double_count() {
     );
     drop(engine);
 }
+
+/// Real events produced again at new offsets, the way a restarted Kafka
+/// Connect worker sends them: in every partition of the sums' topics, the
+/// events after a point, again, in order. The guarded processor skips
+/// exactly those and stays exact; the negative control counts them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn real_events_produced_again_at_new_offsets_change_nothing() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let mut guarded = Run::new("repeated").await;
+    let mut unguarded = Run::new("repeated_unguarded").await;
+    let mut engine = OwnEngine::new(&guarded);
+    guarded.read_topics_of(&engine.prefix);
+    unguarded
+        .read_topics_of(&engine.prefix)
+        .set("ETL_FAULT_NO_POSITION_GUARD", "true");
+    engine.start(&[]);
+    engine.streaming(&guarded).await;
+    let seed = seeds() + 15;
+    wait(
+        &mut guarded.start_workload(seed, "--size small"),
+        "workload",
+    );
+    let mut processors = [guarded.start_processor(), unguarded.start_processor()];
+    guarded.caught_up("before the repeat").await;
+
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", guarded.stack.get("ETL_KAFKA_BROKERS"))
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let mut repeated = 0;
+    for table in ["customers", "orders", "order_items"] {
+        let topic = guarded.table_topic(table);
+        let records = guarded.read_topic(&topic, PARTITIONS);
+        for partition in 0..PARTITIONS {
+            // The streamed events of the partition (a restarted worker
+            // resumes streaming; it does not send snapshot rows again).
+            let streamed: Vec<_> = records
+                .iter()
+                .filter(|r| r.partition == partition)
+                .skip_while(|r| {
+                    r.value
+                        .as_deref()
+                        .is_some_and(|v| contains(v, br#""op":"r""#))
+                })
+                .collect();
+            // Everything from the middle on, again.
+            for record in &streamed[streamed.len() / 2..] {
+                let mut again = FutureRecord::to(&topic).partition(partition);
+                if let Some(key) = &record.key {
+                    again = again.key(key);
+                }
+                if let Some(value) = &record.value {
+                    again = again.payload(value);
+                    repeated += 1;
+                }
+                producer.send(again, Duration::from_secs(10)).await.unwrap();
+            }
+        }
+    }
+    assert!(repeated >= 100, "only {repeated} events produced again");
+
+    for run in [&guarded, &unguarded] {
+        eventually(
+            "the processors to commit everything",
+            Duration::from_secs(120),
+            || async { (run.lag() == 0).then_some(()) },
+        )
+        .await;
+    }
+    let report = guarded.caught_up("after the repeat").await;
+    let base = guarded.metrics_base_url(1).await;
+    let skipped = counter(&base, "etl_source_repeats_skipped_total").await;
+    eprintln!(
+        "repeated: {repeated} events produced again, {skipped} skipped as repeats; exact over {} keys",
+        report.compared
+    );
+    assert_eq!(skipped, f64::from(repeated), "every repeat, and only those");
+    for processor in &mut processors {
+        processor.terminate();
+    }
+    let without = unguarded.reconcile().await;
+    eprintln!(
+        "repeated: without the position guard, {} differences in {} keys",
+        without.differences.len(),
+        without.compared
+    );
+    assert!(
+        !without.is_exact(),
+        "the negative control counted the repeats"
+    );
+    drop(engine);
+}
