@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::eventually;
-use common::pipeline::{wait, Run, PARTITIONS, TABLES};
+use common::pipeline::{wait, Processor, Run, PARTITIONS, TABLES};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 /// Exit code of a processor that found a partition's log started over.
@@ -62,7 +62,7 @@ impl FreshBroker {
             address,
             _dir: dir,
         };
-        let prefix = run.stack.get("ETL_TOPIC_PREFIX").to_owned();
+        let prefix = run.topic_prefix.clone();
         let mut topics: Vec<(String, i32)> = TABLES
             .iter()
             .map(|t| (format!("{prefix}.public.{t}"), PARTITIONS))
@@ -109,18 +109,7 @@ async fn a_log_that_started_over_stops_the_processor_and_counts_nothing() {
     let broker = FreshBroker::start(&run).await;
     run.set("ETL_KAFKA_BROKERS", &broker.address);
     let mut processor = run.start_processor();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = processor.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "the processor kept running on a log that started over:\n{}",
-            run.log(2)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status = stops(&mut processor, &run, 2).await;
     let log = run.log(2);
     assert_eq!(
         status.code(),
@@ -146,6 +135,23 @@ async fn a_log_that_started_over_stops_the_processor_and_counts_nothing() {
     );
     assert_eq!(after.compared, before.compared);
     drop(broker);
+}
+
+/// Waits for processor `n` of `run` to exit on its own; fails with its log
+/// if it goes on counting.
+async fn stops(processor: &mut Processor, run: &Run, n: u32) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = processor.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the processor kept running:\n{}",
+            run.log(n)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A Debezium engine of one test's own: its own replication slot, offsets
@@ -214,6 +220,19 @@ impl OwnEngine {
             .spawn()
             .expect("the Debezium engine starts");
         self.child = Some(child);
+    }
+
+    /// Its offsets are gone (they lived in the lost broker, as Kafka
+    /// Connect's do), and it now writes to `brokers`.
+    fn moved_to(&mut self, brokers: &str) {
+        self.forget_offsets();
+        self.brokers = brokers.to_owned();
+    }
+
+    /// Deletes its stored offsets: it starts with a new snapshot.
+    fn forget_offsets(&mut self) {
+        assert!(self.child.is_none());
+        std::fs::remove_file(self.dir.join("offsets.dat")).unwrap();
     }
 
     /// SIGKILL: the engine stores no offsets on its way out.
@@ -301,13 +320,18 @@ impl Drop for OwnEngine {
 /// send again the events of the seconds before it.
 const OFFSET_FLUSH: Duration = Duration::from_secs(5);
 
-/// Records in all partitions of `topic`.
+/// Records in all partitions of `topic` on the stack's broker.
 fn records_in(run: &Run, topic: &str, partitions: i32) -> i64 {
+    records_in_broker(run.stack.get("ETL_KAFKA_BROKERS"), topic, 0, partitions)
+}
+
+/// Records in partitions `first..first + n` of `topic` on `brokers`.
+fn records_in_broker(brokers: &str, topic: &str, first: i32, n: i32) -> i64 {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", run.stack.get("ETL_KAFKA_BROKERS"))
+        .set("bootstrap.servers", brokers)
         .create()
         .unwrap();
-    (0..partitions)
+    (first..first + n)
         .map(|p| {
             let (low, high) = consumer
                 .fetch_watermarks(topic, p, Duration::from_secs(10))
@@ -520,5 +544,130 @@ async fn real_events_produced_again_at_new_offsets_change_nothing() {
         !without.is_exact(),
         "the negative control counted the repeats"
     );
+    drop(engine);
+}
+
+/// What the sums hold, in a form that changes with any count: rows, and
+/// the sums of their values and offsets.
+async fn fingerprint(run: &Run) -> Vec<(u64, i64, u64)> {
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Print {
+        rows: u64,
+        total: i64,
+        offsets: u64,
+    }
+    let sink = run.sink().await;
+    let mut prints = Vec::new();
+    for (table, value) in [
+        ("orders_by_minute", "orders"),
+        ("product_sales", "units"),
+        ("customers_by_minute", "customers"),
+    ] {
+        let sql = format!(
+            "SELECT count() AS rows, sum({value}) AS total, sum(source_offset) AS offsets FROM {table}"
+        );
+        let p: Print = sink.client().query(&sql).fetch_one().await.unwrap();
+        prints.push((p.rows, p.total, p.offsets));
+    }
+    prints
+}
+
+/// Kafka's data is lost with Connect's offsets in it (a broker without a
+/// volume, say) while ClickHouse keeps its rows: the connector takes a new
+/// snapshot into new topics, which outgrow the offsets ClickHouse stored
+/// before the processor comes back. The offsets alone look like a replay;
+/// the positions show the log is another one, and the processor stops
+/// with exit code 5, having counted nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn a_recreated_log_grown_past_the_stored_offsets_stops_the_processor() {
+    let mut run = Run::new("grown_past").await;
+    let mut engine = OwnEngine::new(&run);
+    run.read_topics_of(&engine.prefix);
+    engine.start(&[]);
+    engine.streaming(&run).await;
+    let mut processor = run.start_processor();
+    run.caught_up("from the snapshot").await;
+    processor.terminate();
+    let before = fingerprint(&run).await;
+
+    let ends = |brokers: String| {
+        let run = &run;
+        move || -> Vec<i64> {
+            TABLES
+                .iter()
+                .flat_map(|t| {
+                    let topic = run.table_topic(t);
+                    let brokers = brokers.clone();
+                    (0..PARTITIONS).map(move |p| records_in_broker(&brokers, &topic, p, 1))
+                })
+                .collect()
+        }
+    };
+    let old = ends(run.stack.get("ETL_KAFKA_BROKERS").to_owned())();
+
+    engine.kill();
+    let broker = FreshBroker::start(&run).await;
+    engine.moved_to(&broker.address);
+    engine.start(&[]);
+    engine.streaming(&run).await;
+    // Changes after the new snapshot, until every partition's new log is
+    // longer than the old one was: the offsets checked at assignment then
+    // see nothing wrong.
+    let new = ends(broker.address.clone());
+    let mut seed = seeds() + 16;
+    while new().iter().zip(&old).any(|(n, o)| n <= o) {
+        wait(&mut run.start_workload(seed, "--size large"), "workload");
+        seed += 1;
+        assert!(seed < seeds() + 20, "the new log did not outgrow the old");
+    }
+
+    run.set("ETL_KAFKA_BROKERS", &broker.address);
+    let mut processor = run.start_processor();
+    let status = stops(&mut processor, &run, 2).await;
+    let log = run.log(2);
+    assert_eq!(status.code(), Some(EXIT_LOG_STARTED_OVER), "{log}");
+    assert!(
+        log.contains("the offset was counted before") && log.contains("the topic started over"),
+        "the positions, not the offsets, told:\n{log}"
+    );
+    assert_eq!(fingerprint(&run).await, before, "something was counted");
+    drop(engine);
+    drop(broker);
+}
+
+/// The connector loses its offsets while Kafka keeps its topics, and takes a
+/// new snapshot after it has streamed changes: changes between the two may
+/// be lost or come again, which no guard can settle. The processor stops
+/// with exit code 5 and says why, having counted nothing of the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn a_new_snapshot_after_streaming_stops_the_processor() {
+    let mut run = Run::new("new_snapshot").await;
+    let mut engine = OwnEngine::new(&run);
+    run.read_topics_of(&engine.prefix);
+    engine.start(&[]);
+    engine.streaming(&run).await;
+    let mut processor = run.start_processor();
+    // Enough changes that every partition has streamed some.
+    wait(
+        &mut run.start_workload(seeds() + 17, "--size large"),
+        "workload",
+    );
+    let exact = run.caught_up("after the workload").await;
+    let before = fingerprint(&run).await;
+
+    engine.kill();
+    engine.forget_offsets();
+    engine.start(&[]);
+    let status = stops(&mut processor, &run, 1).await;
+    let log = run.log(1);
+    assert_eq!(status.code(), Some(EXIT_LOG_STARTED_OVER), "{log}");
+    assert!(
+        log.contains("a new snapshot after streaming began"),
+        "the processor says why:\n{log}"
+    );
+    assert_eq!(fingerprint(&run).await, before, "something was counted");
+    assert!(exact.compared > 0);
     drop(engine);
 }

@@ -12,8 +12,9 @@
 //! assigned.
 //!
 //! Not caught here: a recreated log that has already grown past the stored
-//! offsets when it is assigned. Only positions from the source itself (the
-//! Postgres LSNs Debezium sends) can tell that one apart.
+//! offsets when it is assigned. The source guard catches that one: an offset
+//! already counted then holds an event whose position in Postgres's log the
+//! stored rows do not cover (`aggregate::AggregateState::apply`).
 
 /// Exit code when a partition's log started over: a restart cannot help;
 /// the aggregates must be rebuilt (README, "The source started over").
