@@ -136,7 +136,102 @@ impl<K, V> Default for PartitionState<K, V> {
     }
 }
 
+/// What the source guard makes of a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placed {
+    /// Not applied before as far as the source tells: the offset guard has
+    /// the last word. `replaced_snapshot`: it begins a snapshot taken again.
+    New { replaced_snapshot: bool },
+    /// Applied before; Debezium sent it again at a new offset.
+    SentAgain,
+    /// Applied before, at this very offset: a replay of the partition.
+    Replayed,
+}
+
 impl<K, V: Default> PartitionState<K, V> {
+    /// Places the change at `offset` in the partition's history and moves
+    /// the mark past it; an error says why it cannot be placed. `latest` is
+    /// the newest snapshot any partition of the table has seen.
+    fn place(
+        &mut self,
+        offset: Offset,
+        origin: Origin,
+        change: &TableChange,
+        latest: SnapshotId,
+        position_guard: bool,
+    ) -> Result<Placed, String> {
+        let new = Placed::New {
+            replaced_snapshot: false,
+        };
+        // At or below the highest offset loaded, the earlier owner of the
+        // partition handled the event. If it came after the snapshot the
+        // rows start from, the loaded mark must cover its place, unless the
+        // log under the offsets is another one. Before that snapshot, it
+        // belongs to what the snapshot replaced: the offset guard skips it.
+        let replay = self.loaded_to.is_some_and(|to| offset <= to);
+        let checked_replay = replay && self.has_mark() && offset >= self.snapshot_offset;
+        match origin {
+            Origin::Stream(_) if replay && !checked_replay => Ok(new),
+            Origin::Stream(position) => {
+                let row = change.row_id();
+                let seen = self.seen(position, row);
+                if position_guard && checked_replay && !seen {
+                    return Err(format!(
+                        "the offset was counted before, but its event (position {position}, row \
+                         {row}) is past what the partition's rows hold ({}): the topic started over",
+                        self.position
+                    ));
+                }
+                if position_guard && seen {
+                    return Ok(if replay {
+                        Placed::Replayed
+                    } else {
+                        Placed::SentAgain
+                    });
+                }
+                // The snapshot started over and sent this partition no rows:
+                // the table had none of its keys by then.
+                let replaced_snapshot = self.position == Position::default()
+                    && self.snapshot < latest
+                    && self.start_snapshot(latest, offset);
+                self.advance(position, row);
+                Ok(Placed::New { replaced_snapshot })
+            }
+            Origin::Snapshot(snapshot) if replay => {
+                if checked_replay && snapshot != self.snapshot {
+                    return Err(format!(
+                        "the offset was counted before, but its event is a row of {snapshot}, \
+                         where the rows start from {}: the topic started over",
+                        self.snapshot
+                    ));
+                }
+                Ok(new)
+            }
+            // After streamed changes, a snapshot row means the connector lost
+            // its place (its slot or offsets were recreated, or a snapshot was
+            // signalled): changes between the two may be lost or come again,
+            // which no guard can settle.
+            Origin::Snapshot(snapshot) if self.position != Position::default() => Err(format!(
+                "a row of {snapshot} after streamed changes up to position {}: a new snapshot \
+                 after streaming began; rebuild the aggregates",
+                self.position
+            )),
+            Origin::Snapshot(snapshot) => match snapshot.cmp(&self.snapshot) {
+                // A snapshot that started over (the engine stopped during it):
+                // its rows replace those of the unfinished one.
+                Ordering::Greater => Ok(Placed::New {
+                    replaced_snapshot: self.start_snapshot(snapshot, offset),
+                }),
+                Ordering::Equal => Ok(new),
+                Ordering::Less => Err(format!(
+                    "a row of {snapshot}, older than {} the partition's rows start from: the \
+                     source's log started over",
+                    self.snapshot
+                )),
+            },
+        }
+    }
+
     /// Whether the streamed change of source row `row` at `position` was
     /// applied already.
     fn seen(&self, position: Position, row: i64) -> bool {
@@ -257,83 +352,26 @@ impl<A: Aggregate> AggregateState<A> {
         let latest_snapshot = self.latest_snapshot;
         let state = self.observed(partition, offset);
         let mut applied = Applied::default();
-        // At or below the highest offset loaded: the earlier owner of the
-        // partition handled the event. If it came after the snapshot the
-        // rows start from, the loaded mark must cover its place, unless the
-        // log under the offsets is another one. Before that snapshot, it
-        // belongs to what the snapshot replaced: the offset guard skips it.
-        let replay = state.loaded_to.is_some_and(|to| offset <= to);
-        let checked_replay = replay && state.has_mark() && offset >= state.snapshot_offset;
-        let unplaceable = |why: String| Unplaceable {
-            aggregate: A::NAME,
-            partition,
-            offset,
-            why,
-        };
-        match origin {
-            _ if !A::KEEPS_STORED_ROWS => {}
-            Origin::Stream(_) if replay && !checked_replay => {}
-            Origin::Stream(position) => {
-                let row = change.row_id();
-                let seen = state.seen(position, row);
-                if checked_replay && !seen && position_guard {
-                    return Err(unplaceable(format!(
-                        "the offset was counted before, but its event (position {position}, row \
-                         {row}) is past what the partition's rows hold ({}): the topic started over",
-                        state.position
-                    )));
-                }
-                if seen && position_guard {
-                    if replay {
-                        applied.keys_skipped = A::updates(change).len() as u32;
-                    } else {
-                        applied.redelivered = true;
-                    }
+        if A::KEEPS_STORED_ROWS {
+            let placed = state
+                .place(offset, origin, change, latest_snapshot, position_guard)
+                .map_err(|why| Unplaceable {
+                    aggregate: A::NAME,
+                    partition,
+                    offset,
+                    why,
+                })?;
+            match placed {
+                Placed::New { replaced_snapshot } => applied.new_snapshot = replaced_snapshot,
+                Placed::SentAgain => {
+                    applied.redelivered = true;
                     return Ok(applied);
                 }
-                if state.position == Position::default() && state.snapshot < latest_snapshot {
-                    // The snapshot started over and sent this partition no
-                    // rows: the table had none of its keys by then.
-                    applied.new_snapshot = state.start_snapshot(latest_snapshot, offset);
-                }
-                state.advance(position, row);
-            }
-            Origin::Snapshot(snapshot) if replay => {
-                if checked_replay && snapshot != state.snapshot {
-                    return Err(unplaceable(format!(
-                        "the offset was counted before, but its event is a row of {snapshot}, \
-                         where the rows start from {}: the topic started over",
-                        state.snapshot
-                    )));
+                Placed::Replayed => {
+                    applied.keys_skipped = A::updates(change).len() as u32;
+                    return Ok(applied);
                 }
             }
-            // After streamed changes, a snapshot row means the connector
-            // lost its place (its slot or offsets were recreated, or a
-            // snapshot was signalled): changes between the two may be lost
-            // or come again, which no guard can settle. Stop.
-            Origin::Snapshot(snapshot) if state.position != Position::default() => {
-                return Err(unplaceable(format!(
-                    "a row of {snapshot} after streamed changes up to position {}: a new \
-                     snapshot after streaming began; rebuild the aggregates",
-                    state.position
-                )));
-            }
-            Origin::Snapshot(snapshot) => match snapshot.cmp(&state.snapshot) {
-                // A snapshot that started over (the engine stopped during it)
-                // comes back at a new, higher LSN: its rows replace those of
-                // the unfinished one.
-                Ordering::Greater => {
-                    applied.new_snapshot = state.start_snapshot(snapshot, offset);
-                }
-                Ordering::Equal => {}
-                Ordering::Less => {
-                    return Err(unplaceable(format!(
-                        "a row of {snapshot}, older than {} the partition's rows start from: \
-                         the source's log started over",
-                        state.snapshot
-                    )))
-                }
-            },
         }
         for (key, update) in A::updates(change) {
             match state.rows.entry(key) {

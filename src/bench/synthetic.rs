@@ -1371,6 +1371,23 @@ mod tests {
             .decoded
     }
 
+    /// The core bench measures the scanner: every synthetic message must be
+    /// one it reads, positions included, not one it leaves to serde.
+    #[test]
+    fn the_scanner_reads_every_message() {
+        for schemas in [Schemas::Off, Schemas::On] {
+            for message in Generator::new(spec(5_000, schemas)) {
+                if let Some(value) = &message.value {
+                    assert!(
+                        crate::cdc::scanned(value),
+                        "{}",
+                        String::from_utf8_lossy(value)
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn every_message_decodes_to_the_op_intended() {
         for schemas in [Schemas::Off, Schemas::On] {

@@ -49,7 +49,7 @@ impl SourceInfo {
     fn fields(&self) -> Result<SourceFields, DecodeError> {
         let sequence = match &self.sequence {
             None => None,
-            Some(text) => Some(sequence_start(text, "\"").ok_or_else(|| {
+            Some(text) => Some(sequence_start(text).ok_or_else(|| {
                 DecodeError::new(
                     DecodeErrorKind::NoPosition,
                     format!("source.sequence {text:?} is not [commit LSN, LSN]"),
@@ -131,6 +131,14 @@ pub fn decode_event(table: Table, value: Option<&[u8]>) -> Result<Event, DecodeE
         Some(fast::Message::Tombstone) => Ok(tombstone),
         None => decode_with_serde(table, bytes),
     }
+}
+
+/// Whether the scanner reads `value` (rather than leaving it to serde).
+#[cfg(test)]
+pub(crate) fn scanned(value: &[u8]) -> bool {
+    std::str::from_utf8(value).is_ok_and(|text| {
+        schemas::with(|cache| fast::scan(text, |rest| cache.find(rest))).is_some()
+    })
 }
 
 /// A message the scanner read, checked in the serde path's order (the op
@@ -497,6 +505,19 @@ mod tests {
             (
                 order("c", r#"{"sequence":"[\u00223\u0022,\"4\"]","lsn":4}"#),
                 stream(3, 4),
+                false,
+            ),
+            (
+                order("c", r#"{"sequence":"[ \"3\" , \"4\" ]","lsn":4}"#),
+                stream(3, 4),
+                false,
+            ),
+            (
+                order(
+                    "c",
+                    r#"{"sequence":"[\"18446744073709551615\",\"4\"]","lsn":4}"#,
+                ),
+                stream(u64::MAX, 4),
                 false,
             ),
             (

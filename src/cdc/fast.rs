@@ -17,7 +17,7 @@
 //! message the serde way, so results and errors are exactly the same either
 //! way; the scanner only makes the usual case cheap.
 
-use super::position::{sequence_start, SourceFields};
+use super::position::SourceFields;
 
 /// A row image: (column, raw JSON value) in message order.
 pub(crate) type Columns<'a> = Vec<(&'a str, &'a str)>;
@@ -340,15 +340,18 @@ impl<'a> Scanner<'a> {
                     self.plain_key()?;
                     let key = &self.bytes[key_start..self.at - 1];
                     self.eat(b':')?;
+                    // Slice patterns: byte compares, no memcmp call per key.
                     match key {
-                        b"ts_ms" if ts_ms.is_none() => ts_ms = Some(self.nullable_int()?),
-                        b"lsn" if lsn.is_none() => {
+                        [b't', b's', b'_', b'm', b's'] if ts_ms.is_none() => {
+                            ts_ms = Some(self.nullable_int()?)
+                        }
+                        [b'l', b's', b'n'] if lsn.is_none() => {
                             lsn = Some(match self.nullable_int()? {
                                 Some(n) => Some(u64::try_from(n).ok()?),
                                 None => None,
                             })
                         }
-                        b"sequence" if sequence.is_none() => {
+                        [b's', b'e', b'q', b'u', b'e', b'n', b'c', b'e'] if sequence.is_none() => {
                             sequence = Some(if self.peek()? == b'n' {
                                 self.literal(b"null")?;
                                 None
@@ -356,7 +359,7 @@ impl<'a> Scanner<'a> {
                                 Some(self.sequence()?)
                             })
                         }
-                        b"snapshot" if snapshot.is_none() => {
+                        [b's', b'n', b'a', b'p', b's', b'h', b'o', b't'] if snapshot.is_none() => {
                             snapshot = Some(if self.peek()? == b'n' {
                                 self.literal(b"null")?;
                                 false
@@ -366,7 +369,10 @@ impl<'a> Scanner<'a> {
                             })
                         }
                         // Repeated: serde decides.
-                        b"ts_ms" | b"lsn" | b"sequence" | b"snapshot" => return None,
+                        [b't', b's', b'_', b'm', b's']
+                        | [b'l', b's', b'n']
+                        | [b's', b'e', b'q', b'u', b'e', b'n', b'c', b'e']
+                        | [b's', b'n', b'a', b'p', b's', b'h', b'o', b't'] => return None,
                         _ => self.skip_value(1)?,
                     }
                     match self.peek()? {
@@ -398,23 +404,46 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// `sequence`'s string, `"[null,\"26497112\"]"`: its first element.
-    /// Anything else (escapes other than the quotes, say) is left to serde.
+    /// `sequence`'s string as the connector writes it, `"[null,\"26497112\"]"`
+    /// or `"[\"1\",\"2\"]"`: its first element. Any other spelling (spaces,
+    /// other escapes, numbers past 19 digits) is left to serde.
     fn sequence(&mut self) -> Option<Option<u64>> {
-        self.eat(b'"')?;
-        let start = self.at;
-        // The string holds escaped quotes: stop at the first unescaped one.
-        loop {
-            self.at = string_stop(self.bytes, self.at);
-            match *self.bytes.get(self.at)? {
-                b'"' => break,
-                b'\\' if self.bytes.get(self.at + 1) == Some(&b'"') => self.at += 2,
-                _ => return None,
-            }
+        self.expect(b"\"[")?;
+        let first = self.sequence_element()?;
+        self.expect(b",")?;
+        self.sequence_element()?;
+        self.expect(b"]\"")?;
+        Some(first)
+    }
+
+    /// `null` or `\"digits\"` inside `sequence`'s string.
+    fn sequence_element(&mut self) -> Option<Option<u64>> {
+        if self.expect(b"null").is_some() {
+            return Some(None);
         }
-        let text = &self.text[start..self.at];
-        self.at += 1;
-        sequence_start(text, "\\\"")
+        self.expect(b"\\\"")?;
+        let start = self.at;
+        let stop = digits_stop(self.bytes, start);
+        // 19 digits always fit a u64.
+        if stop == start || stop - start > 19 {
+            return None;
+        }
+        let n = self.bytes[start..stop]
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        self.at = stop;
+        self.expect(b"\\\"")?;
+        Some(Some(n))
+    }
+
+    /// The bytes `word` at the cursor, consumed.
+    fn expect(&mut self, word: &[u8]) -> Option<()> {
+        if self.bytes.get(self.at..self.at + word.len()) == Some(word) {
+            self.at += word.len();
+            Some(())
+        } else {
+            None
+        }
     }
 
     /// A key without escapes, after its opening quote, skipped.

@@ -12,6 +12,8 @@ mod position;
 mod schemas;
 mod tables;
 
+#[cfg(test)]
+pub(crate) use envelope::scanned;
 pub use envelope::{decode, decode_event, Decoded, Event};
 pub use field::Minute;
 pub use position::{Origin, Position, SnapshotId};
