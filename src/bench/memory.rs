@@ -117,6 +117,7 @@ pub fn run(args: MemoryArgs, config: &Config) -> anyhow::Result<Vec<Verdict>> {
         keys: args.keys,
         seed: 1,
         prefix: prefix.clone(),
+        snapshot: true,
     };
     spec.events = events_for(&spec, args.keys);
 
@@ -188,8 +189,10 @@ pub fn run(args: MemoryArgs, config: &Config) -> anyhow::Result<Vec<Verdict>> {
     let outage_started = Instant::now();
     let producer = {
         let bootstrap = broker.bootstrap.clone();
+        // The stream goes on: no second snapshot, positions past the first.
         let spec = Spec {
             seed: 2,
+            snapshot: false,
             ..spec.clone()
         };
         std::thread::spawn(move || produce_with(&bootstrap, &spec, Compression::Lz4))

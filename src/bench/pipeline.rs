@@ -540,6 +540,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<Vec<Verdict>> {
         keys: args.keys,
         seed: args.seed,
         prefix: prefix.clone(),
+        snapshot: true,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
