@@ -1924,3 +1924,17 @@ fn compose_file_is_valid_for_docker_compose() {
         );
     }
 }
+
+/// Connect stores source offsets every 5 s, not every 60 s: a worker that
+/// dies then repeats at most seconds of events, and takes its initial
+/// snapshot again only if it dies within seconds of it.
+#[test]
+fn connect_stores_source_offsets_every_few_seconds() {
+    let dbz = compose_with(&dotenv()).env("debezium");
+    let interval: u64 = dbz
+        .get("CONNECT_OFFSET_FLUSH_INTERVAL_MS")
+        .expect("debezium sets CONNECT_OFFSET_FLUSH_INTERVAL_MS")
+        .parse()
+        .expect("a number of milliseconds");
+    assert!(interval <= 5_000, "offsets stored every {interval} ms");
+}
