@@ -131,6 +131,15 @@ async fn kill_repeatedly(run: &mut Run, first_seed: u64, kills: u32) -> Processo
     let mut processor = run.start_processor();
     run.caught_up("before the kills").await;
     for i in 0..kills {
+        // Each kill lands while the processor is counting: after it has
+        // loaded its partitions (4 aggregates), during a workload.
+        let n = run.started;
+        eventually(
+            "the processor to load its partitions",
+            Duration::from_secs(60),
+            || async { (run.log(n).matches("partition state loaded").count() >= 4).then_some(()) },
+        )
+        .await;
         let mut workload = run.start_workload(first_seed + u64::from(i), "--orders 120");
         let after = Duration::from_millis(rng.u64(500..3000));
         tokio::time::sleep(after).await;
