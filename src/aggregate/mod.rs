@@ -8,7 +8,9 @@
 //! offset of the last event applied to it. An event at or below a key's stored
 //! offset is skipped, so replaying a partition from any earlier offset changes
 //! nothing: this is what makes the ClickHouse rows exactly-once without
-//! transactions (see `state`).
+//! transactions. Each partition also keeps how far into Postgres's log it has
+//! applied, which recognises an event Debezium sends again at a new offset
+//! (see `state`).
 
 mod kinds;
 mod state;
