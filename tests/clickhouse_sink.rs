@@ -120,3 +120,59 @@ async fn products_dimension_keeps_text_and_deletion() {
         .unwrap()
         .is_empty());
 }
+
+/// A table made by a release before the source marks: the processor adds
+/// the columns it lacks, its rows load with no mark, and it can be written.
+#[tokio::test]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn the_mark_columns_are_added_to_an_older_table() {
+    let stack = common::Stack::load();
+    let sink = common::fresh_analytics_db(&stack, "sink_migrate").await;
+    let old = "CREATE TABLE product_sales (product_id Int64, source_partition UInt32, \
+               units Int64, revenue Decimal(18, 2), lines Int64, source_offset UInt64) \
+               ENGINE = ReplacingMergeTree(source_offset) ORDER BY (product_id, source_partition)";
+    sink.client()
+        .query("DROP TABLE product_sales")
+        .execute()
+        .await
+        .unwrap();
+    sink.client().query(old).execute().await.unwrap();
+    sink.client()
+        .query("INSERT INTO product_sales VALUES (5, 0, 2, 39.98, 1, 4)")
+        .execute()
+        .await
+        .unwrap();
+
+    let added = sink.add_missing_columns().await.unwrap();
+    assert_eq!(
+        added,
+        [
+            "product_sales.source_snapshot",
+            "product_sales.source_snapshot_ms",
+            "product_sales.source_snapshot_offset",
+            "product_sales.source_commit",
+            "product_sales.source_lsn",
+            "product_sales.source_rows",
+        ]
+    );
+    assert!(sink.add_missing_columns().await.unwrap().is_empty());
+    let loaded = sink
+        .load_partitions::<etl::aggregate::ProductSales>(&[0])
+        .await
+        .unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].offset, 4);
+    assert_eq!(loaded[0].mark, SourceMark::default());
+    let mut row = loaded[0].clone();
+    row.offset = 9;
+    row.mark.position = Position { commit: 7, lsn: 8 };
+    row.mark.rows = vec![3].into();
+    sink.write::<etl::aggregate::ProductSales>(std::slice::from_ref(&row))
+        .await
+        .unwrap();
+    let again = sink
+        .load_partitions::<etl::aggregate::ProductSales>(&[0])
+        .await
+        .unwrap();
+    assert_eq!(again, vec![row]);
+}
