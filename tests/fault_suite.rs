@@ -133,13 +133,7 @@ async fn kill_repeatedly(run: &mut Run, first_seed: u64, kills: u32) -> Processo
     for i in 0..kills {
         // Each kill lands while the processor is counting: after it has
         // loaded its partitions (4 aggregates), during a workload.
-        let n = run.started;
-        eventually(
-            "the processor to load its partitions",
-            Duration::from_secs(60),
-            || async { (run.log(n).matches("partition state loaded").count() >= 4).then_some(()) },
-        )
-        .await;
+        run.partitions_loaded(run.started).await;
         let mut workload = run.start_workload(first_seed + u64::from(i), "--orders 120");
         let after = Duration::from_millis(rng.u64(500..3000));
         tokio::time::sleep(after).await;
@@ -260,16 +254,11 @@ async fn clickhouse_down_for_30s_pauses_the_consumer_and_catches_up() {
     let bound = Duration::from_secs(2);
     run.set("ETL_SHUTDOWN_TIMEOUT_MS", bound.as_millis());
     let mut processor = run.start_processor();
+    // The outage must come after the start-up loaded the partitions' state:
+    // a start that cannot load it stops (exit 1), which is not what this
+    // part tests.
     let n = run.started;
-    // The outage must come after the start-up loaded the partitions' state
-    // (one line per aggregate): a start that cannot load it stops (exit 1),
-    // which is not what this part tests.
-    eventually(
-        "the new processor to load its partitions",
-        Duration::from_secs(60),
-        || async { (run.log(n).matches("partition state loaded").count() >= 4).then_some(()) },
-    )
-    .await;
+    run.partitions_loaded(n).await;
     let mut workload = run.start_workload(seed + 1, "--orders 200");
     run.workload_reaches(seed + 1, 20).await;
     run.stack_command(&["stop", "clickhouse", "--kill"]);

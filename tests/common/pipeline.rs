@@ -189,6 +189,17 @@ impl Run {
         .await
     }
 
+    /// Waits until processor `n` has loaded its partitions' state: one line
+    /// per aggregate, four in all.
+    pub async fn partitions_loaded(&self, n: u32) {
+        eventually(
+            "the processor to load its partitions",
+            Duration::from_secs(60),
+            || async { (self.log(n).matches("partition state loaded").count() >= 4).then_some(()) },
+        )
+        .await;
+    }
+
     /// Every processor log of this run, concatenated.
     pub fn all_logs(&self) -> String {
         (1..=self.started).map(|n| self.log(n)).collect()
