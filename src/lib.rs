@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod cdc;
 pub mod config;
 pub mod loadgen;
+pub mod rebuild;
 pub mod reconcile;
 pub mod replay;
 pub mod restart;

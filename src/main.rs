@@ -1,6 +1,6 @@
 //! etl-processor: Debezium change events from Kafka into exact ClickHouse
 //! aggregates. `run` (the default) is the pipeline; `replay` and `reconcile`
-//! are the checks.
+//! are the checks; `rebuild` counts everything again from a snapshot.
 
 use std::process::ExitCode;
 
@@ -43,6 +43,10 @@ enum Command {
     /// Compare every aggregate in ClickHouse with a GROUP BY over Postgres;
     /// print each difference; exit 0 only when there is none.
     Reconcile,
+    /// Count every aggregate again from the newest snapshot in the topics
+    /// into shadow tables, then swap them in at once (the processor must be
+    /// stopped; see the README, "Rebuilding the aggregates").
+    Rebuild,
     /// Write a realistic, seeded store workload into Postgres
     /// (ETL_POSTGRES_URL) at a target rate of new orders, until SIGTERM/SIGINT
     /// or --duration; prints progress and a summary to stderr.
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
         Command::Run => run(config),
         Command::Replay { file } => etl::replay::command(&file, &config.kafka.topic_prefix),
         Command::Reconcile => reconcile(config),
+        Command::Rebuild => etl::rebuild::command(&config),
         Command::Bench { bench } => run_bench(bench, &config),
         Command::Produce(args) => {
             etl::bench::synthetic::command(args, &config).map(|()| ExitCode::SUCCESS)

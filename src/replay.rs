@@ -17,7 +17,7 @@ use crate::aggregate::{
     Aggregate, AggregateState, Applied, CustomersByMinute, OrdersByMinute, ProductSales, Products,
     Unplaceable,
 };
-use crate::cdc::{self, Decoded, Origin, Table, TableChange};
+use crate::cdc::{self, DecodeError, Decoded, Origin, SnapshotId, Table, TableChange};
 use crate::telemetry;
 
 /// The state of every aggregate, fed from one stream of events.
@@ -30,6 +30,73 @@ pub struct AllAggregates {
 }
 
 impl AllAggregates {
+    /// Every aggregate counting a whole log again, from its newest snapshot
+    /// ([`AggregateState::rebuilding`]).
+    pub fn rebuilding() -> Self {
+        AllAggregates {
+            orders_by_minute: AggregateState::rebuilding(),
+            product_sales: AggregateState::rebuilding(),
+            customers_by_minute: AggregateState::rebuilding(),
+            products: AggregateState::rebuilding(),
+        }
+    }
+
+    /// The newest snapshot any table's rows start from.
+    pub fn newest_snapshot(&self) -> SnapshotId {
+        [
+            self.orders_by_minute.latest_snapshot(),
+            self.product_sales.latest_snapshot(),
+            self.customers_by_minute.latest_snapshot(),
+            self.products.latest_snapshot(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or_default()
+    }
+
+    /// Whether every partition of every aggregate reached the newest
+    /// snapshot ([`AggregateState::rebuilt`]). One snapshot covers every
+    /// table, so a table whose rows start from an older one had no rows at
+    /// all in the newest: its rows are what the snapshot replaced.
+    pub fn rebuilt(&self) -> Result<(), Unplaceable> {
+        let newest = self.newest_snapshot().lsn;
+        self.orders_by_minute.rebuilt(newest)?;
+        self.product_sales.rebuilt(newest)?;
+        self.customers_by_minute.rebuilt(newest)?;
+        self.products.rebuilt(newest)
+    }
+
+    /// Decodes one event of `table` and applies it, counting what it was in
+    /// `summary`. An event that does not decode is returned, for the caller
+    /// to report as the pipeline's dead letter; one that cannot be placed
+    /// in its partition's history is an error.
+    pub fn feed(
+        &mut self,
+        summary: &mut ReplaySummary,
+        table: Table,
+        (partition, offset): (i32, i64),
+        value: Option<&[u8]>,
+    ) -> Result<Option<DecodeError>, Unplaceable> {
+        match cdc::decode(table, value) {
+            Ok(Decoded::Change(change, origin)) => {
+                let applied = self.apply(partition, offset, origin, &change)?;
+                summary.changes += 1;
+                summary.repeats += u64::from(applied.redelivered);
+                summary.snapshots_replaced += u64::from(applied.new_snapshot);
+            }
+            Ok(Decoded::Tombstone) => summary.tombstones += 1,
+            Ok(Decoded::Truncate) => {
+                telemetry::truncate(table);
+                summary.truncates += 1;
+            }
+            Err(e) => {
+                *summary.dead_letters.entry(e.kind.as_str()).or_default() += 1;
+                return Ok(Some(e));
+            }
+        }
+        Ok(None)
+    }
+
     pub fn apply(
         &mut self,
         partition: i32,
@@ -132,6 +199,8 @@ pub struct ReplaySummary {
     /// Changes the source sent again (a position already applied): left
     /// out, as the pipeline leaves them out.
     pub repeats: u64,
+    /// Partitions whose rows a newer snapshot replaced.
+    pub snapshots_replaced: u64,
     /// Events the pipeline would send to the dead-letter topic, by reason.
     pub dead_letters: BTreeMap<&'static str, u64>,
 }
@@ -191,30 +260,18 @@ pub fn replay(
             continue;
         };
         let value = record.value.map(|v| v.get().as_bytes());
-        match cdc::decode(table, value) {
-            Ok(Decoded::Change(change, origin)) => {
-                // One partition per topic, in the file's order: the order
-                // the connector delivered them in.
-                let applied = all
-                    .apply(0, index as i64, origin, &change)
-                    .with_context(|| format!("line {number}"))?;
-                summary.changes += 1;
-                summary.repeats += u64::from(applied.redelivered);
-            }
-            Ok(Decoded::Tombstone) => summary.tombstones += 1,
-            Ok(Decoded::Truncate) => {
-                telemetry::truncate(table);
-                summary.truncates += 1;
-            }
-            Err(e) => {
-                *summary.dead_letters.entry(e.kind.as_str()).or_default() += 1;
-                dead_letter(&DeadLetter {
-                    line: number,
-                    topic: record.topic,
-                    reason: e.kind.as_str(),
-                    error: e.to_string(),
-                });
-            }
+        // One partition per topic, in the file's order: the order the
+        // connector delivered them in.
+        let undecoded = all
+            .feed(&mut summary, table, (0, index as i64), value)
+            .with_context(|| format!("line {number}"))?;
+        if let Some(e) = undecoded {
+            dead_letter(&DeadLetter {
+                line: number,
+                topic: record.topic,
+                reason: e.kind.as_str(),
+                error: e.to_string(),
+            });
         }
     }
     Ok((all, summary))

@@ -159,6 +159,7 @@ impl<K, V: Default> PartitionState<K, V> {
         change: &TableChange,
         latest: SnapshotId,
         position_guard: bool,
+        rebuild: bool,
     ) -> Result<Placed, String> {
         let new = Placed::New {
             replaced_snapshot: false,
@@ -169,7 +170,12 @@ impl<K, V: Default> PartitionState<K, V> {
         // log under the offsets is another one. Before that snapshot, it
         // belongs to what the snapshot replaced: the offset guard skips it.
         let replay = self.loaded_to.is_some_and(|to| offset <= to);
-        let checked_replay = replay && self.has_mark() && offset >= self.snapshot_offset;
+        if replay && self.has_mark() && offset < self.snapshot_offset {
+            // Even for a key the loaded rows lack: after a rebuild, the rows
+            // hold only what the newest snapshot has.
+            return Ok(Placed::Replayed);
+        }
+        let checked_replay = replay && self.has_mark();
         match origin {
             Origin::Stream(_) if replay && !checked_replay => Ok(new),
             Origin::Stream(position) => {
@@ -193,7 +199,7 @@ impl<K, V: Default> PartitionState<K, V> {
                 // the table had none of its keys by then.
                 let replaced_snapshot = self.position == Position::default()
                     && self.snapshot < latest
-                    && self.start_snapshot(latest, offset);
+                    && self.start_snapshot(latest, offset, rebuild);
                 self.advance(position, row);
                 Ok(Placed::New { replaced_snapshot })
             }
@@ -207,6 +213,11 @@ impl<K, V: Default> PartitionState<K, V> {
                 }
                 Ok(new)
             }
+            // A rebuild counts from the newest snapshot: what came before it
+            // is replaced, whatever was lost or repeated there.
+            Origin::Snapshot(snapshot) if rebuild && snapshot > self.snapshot => Ok(Placed::New {
+                replaced_snapshot: self.start_snapshot(snapshot, offset, rebuild),
+            }),
             // After streamed changes, a snapshot row means the connector lost
             // its place (its slot or offsets were recreated, or a snapshot was
             // signalled): changes between the two may be lost or come again,
@@ -220,7 +231,7 @@ impl<K, V: Default> PartitionState<K, V> {
                 // A snapshot that started over (the engine stopped during it):
                 // its rows replace those of the unfinished one.
                 Ordering::Greater => Ok(Placed::New {
-                    replaced_snapshot: self.start_snapshot(snapshot, offset),
+                    replaced_snapshot: self.start_snapshot(snapshot, offset, rebuild),
                 }),
                 Ordering::Equal => Ok(new),
                 Ordering::Less => Err(format!(
@@ -269,9 +280,13 @@ impl<K, V: Default> PartitionState<K, V> {
 
     /// A new snapshot replaces everything the partition's rows hold: they
     /// start again from zero just before `offset`, the snapshot's first row.
+    /// A rebuild, which has written nothing yet, drops them instead.
     /// Returns whether it replaced an earlier snapshot.
-    fn start_snapshot(&mut self, snapshot: SnapshotId, offset: Offset) -> bool {
+    fn start_snapshot(&mut self, snapshot: SnapshotId, offset: Offset, rebuild: bool) -> bool {
         let replaced = self.snapshot != SnapshotId::default();
+        if rebuild {
+            self.rows.clear();
+        }
         for entry in self.rows.values_mut() {
             entry.value = V::default();
             entry.stamp = Stamp::changed(entry.stamp.offset().max(offset - 1));
@@ -292,6 +307,8 @@ pub struct AggregateState<A: Aggregate> {
     latest_snapshot: SnapshotId,
     offset_guard: bool,
     position_guard: bool,
+    /// Counting again from the newest snapshot in the log (`rebuild`).
+    rebuild: bool,
 }
 
 impl<A: Aggregate> Default for AggregateState<A> {
@@ -301,6 +318,7 @@ impl<A: Aggregate> Default for AggregateState<A> {
             latest_snapshot: SnapshotId::default(),
             offset_guard: true,
             position_guard: true,
+            rebuild: false,
         }
     }
 }
@@ -333,6 +351,49 @@ impl<A: Aggregate> AggregateState<A> {
         self
     }
 
+    /// A state that counts a whole log from its start, as a rebuild does:
+    /// every snapshot replaces what came before it in its partition, also
+    /// after streamed changes, and [`AggregateState::rebuilt`] then checks
+    /// that every partition reached the newest one. A dimension is guarded
+    /// like a sum here, so that a newer snapshot drops its older rows too.
+    pub fn rebuilding() -> Self {
+        AggregateState {
+            rebuild: true,
+            ..Self::default()
+        }
+    }
+
+    /// The end of a rebuild: an error names a partition that holds rows but
+    /// none of the newest snapshot: its table's, or one at LSN `newest_lsn`,
+    /// the newest of the connector's other tables. The table had none of
+    /// that partition's keys then, but which of its later changes came after
+    /// the snapshot cannot be told apart, so counting it could be wrong.
+    pub fn rebuilt(&self, newest_lsn: u64) -> Result<(), Unplaceable> {
+        let latest = self.latest_snapshot;
+        for (partition, state) in &self.partitions {
+            let behind = state.snapshot < latest || state.snapshot.lsn < newest_lsn;
+            if behind && !state.rows.is_empty() {
+                return Err(Unplaceable {
+                    aggregate: A::NAME,
+                    partition: *partition,
+                    offset: state.watermark.unwrap_or_default(),
+                    why: format!(
+                        "its rows start from {}, not from the newest snapshot ({latest}), \
+                         which sent the partition no rows: take a new snapshot with rows in \
+                         every partition, or rebuild from a log that starts with it",
+                        state.snapshot
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest snapshot any partition has seen.
+    pub fn latest_snapshot(&self) -> SnapshotId {
+        self.latest_snapshot
+    }
+
     /// Applies the change at `offset` of `partition`, which comes from
     /// `origin` in the source, to every key it touches whose stored offset
     /// is below `offset`, unless the source sent it before.
@@ -350,11 +411,19 @@ impl<A: Aggregate> AggregateState<A> {
         let offset_guard = self.offset_guard;
         let position_guard = self.position_guard;
         let latest_snapshot = self.latest_snapshot;
+        let rebuild = self.rebuild;
         let state = self.observed(partition, offset);
         let mut applied = Applied::default();
-        if A::KEEPS_STORED_ROWS {
+        if A::KEEPS_STORED_ROWS || rebuild {
             let placed = state
-                .place(offset, origin, change, latest_snapshot, position_guard)
+                .place(
+                    offset,
+                    origin,
+                    change,
+                    latest_snapshot,
+                    position_guard,
+                    rebuild,
+                )
                 .map_err(|why| Unplaceable {
                     aggregate: A::NAME,
                     partition,

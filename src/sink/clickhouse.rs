@@ -144,6 +144,57 @@ impl ClickHouseSink {
         &self.client
     }
 
+    /// The same server and settings, on database `db`.
+    pub fn in_database(&self, db: &str) -> ClickHouseSink {
+        ClickHouseSink {
+            client: self.client.clone().with_database(db),
+        }
+    }
+
+    /// Puts the analytics tables of database `shadow` in the place of
+    /// database `live`'s, in one RENAME: readers of a live table see the old
+    /// one or the new one, never neither (ClickHouse 18.16 renames the whole
+    /// list under one lock; EXCHANGE TABLES came later). The tables replaced
+    /// move to database `replaced`, which is emptied first; `shadow` is
+    /// dropped once empty.
+    pub async fn swap_in(&self, live: &str, shadow: &str, replaced: &str) -> Result<(), SinkError> {
+        let tables: Vec<String> = analytics_columns().into_iter().map(|(t, _)| t).collect();
+        let present: Vec<String> = self
+            .client
+            .query("SELECT name FROM system.tables WHERE database = ?")
+            .bind(live)
+            .fetch_all()
+            .await?;
+        for statement in [
+            format!("CREATE DATABASE IF NOT EXISTS {live}"),
+            format!("DROP DATABASE IF EXISTS {replaced}"),
+            format!("CREATE DATABASE {replaced}"),
+        ] {
+            self.client.query(&statement).execute().await?;
+        }
+        let mut renames = Vec::new();
+        for table in &tables {
+            if present.contains(table) {
+                renames.push(format!("{live}.{table} TO {replaced}.{table}"));
+            }
+            renames.push(format!("{shadow}.{table} TO {live}.{table}"));
+        }
+        let rename = format!("RENAME TABLE {}", renames.join(", "));
+        within(async { Ok(self.client.query(&rename).execute().await?) }).await?;
+        self.client
+            .query(&format!("DROP DATABASE IF EXISTS {shadow}"))
+            .execute()
+            .await?;
+        Ok(())
+    }
+
+    /// Rows in table `table` of the configured database, every version.
+    pub async fn count_rows(&self, table: &str) -> Result<u64, SinkError> {
+        let sql = format!("SELECT count() FROM {table}");
+        let query = self.client.query(&sql);
+        within(async { Ok(query.fetch_one().await?) }).await
+    }
+
     /// Creates database `db` with the analytics schema, dropping an older one.
     pub async fn create_analytics_db(&self, db: &str) -> Result<(), SinkError> {
         self.client

@@ -1,0 +1,320 @@
+//! `etl-processor rebuild`: every aggregate counted again from the newest
+//! snapshot in the topics, into shadow tables, which then replace the live
+//! ones at once. Dashboards read the old numbers until the swap and the new
+//! ones after it, never a table half built.
+//!
+//! The processor must not run meanwhile (it stops by itself, exit code 5, on
+//! the new snapshot a rebuild usually follows). After the swap, the
+//! processor's group is committed at the offsets the rebuild read to, so it
+//! goes on from there; a processor that starts from older offsets is safe
+//! too, since events before a partition's snapshot count as replays.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::aggregate::{Aggregate, AggregateState, SourceMark};
+use crate::cdc::{Position, SnapshotId, Table};
+use crate::config::Config;
+use crate::replay::{AllAggregates, ReplaySummary};
+use crate::sink::{ClickHouseSink, SinkTable};
+use crate::source::kafka::consumer_config;
+
+/// How long the broker may take to answer a metadata or watermark request.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long reading may go without a record while partitions are still
+/// short of their end: past it, the rebuild gives up.
+const STALLED: Duration = Duration::from_secs(60);
+/// Rows per INSERT into the shadow tables.
+const INSERT_ROWS: usize = 100_000;
+
+/// One partition the rebuild read: from `start` (the log's first offset)
+/// up to `end` (its high watermark when the rebuild began, exclusive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    pub table: Table,
+    pub topic: String,
+    pub partition: i32,
+    pub start: i64,
+    pub end: i64,
+}
+
+/// What a rebuild did.
+#[derive(Debug)]
+pub struct Rebuilt {
+    pub spans: Vec<Span>,
+    pub summary: ReplaySummary,
+    /// Rows written per aggregate, in the order they were swapped in.
+    pub rows: Vec<(&'static str, usize)>,
+    /// The snapshot the rebuilt rows start from.
+    pub snapshot: SnapshotId,
+    pub read_in: Duration,
+    pub total: Duration,
+}
+
+/// `etl-processor rebuild`: rebuilds, swaps, and prints what it did.
+pub fn command(config: &Config) -> anyhow::Result<ExitCode> {
+    let rebuilt = rebuild(config)?;
+    let events: i64 = rebuilt.spans.iter().map(|s| s.end - s.start).sum();
+    println!(
+        "rebuild: read {events} events from {} partitions in {:.1} s ({} changes, {} sent again and skipped, {} partitions replaced by a newer snapshot, {} dead letters left out)",
+        rebuilt.spans.len(),
+        rebuilt.read_in.as_secs_f64(),
+        rebuilt.summary.changes,
+        rebuilt.summary.repeats,
+        rebuilt.summary.snapshots_replaced,
+        rebuilt.summary.dead_lettered(),
+    );
+    for (aggregate, rows) in &rebuilt.rows {
+        println!("rebuild: {aggregate}: {rows} rows");
+    }
+    println!(
+        "rebuild: swapped in, counted from {}, in {:.1} s; the replaced tables are in database {}",
+        rebuilt.snapshot,
+        rebuilt.total.as_secs_f64(),
+        replaced_database(config)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The database the shadow tables are built in.
+pub fn shadow_database(config: &Config) -> String {
+    format!("{}_rebuild", config.clickhouse.database)
+}
+
+/// The database the replaced tables are kept in, until the next rebuild.
+pub fn replaced_database(config: &Config) -> String {
+    format!("{}_replaced", config.clickhouse.database)
+}
+
+/// Reads every partition of the table topics to its current end, counts
+/// from the newest snapshot, writes the shadow tables, swaps them in and
+/// commits the processor's group at the ends read.
+pub fn rebuild(config: &Config) -> anyhow::Result<Rebuilt> {
+    let started = Instant::now();
+    let (all, summary, spans) = read(config)?;
+    let read_in = started.elapsed();
+    let snapshot = check(&all, &spans)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let rows = runtime.block_on(async {
+        let sink = ClickHouseSink::connect(&config.clickhouse)
+            .await
+            .context("connecting to ClickHouse (setting ETL_CLICKHOUSE_URL)")?;
+        let shadow = shadow_database(config);
+        sink.create_analytics_db(&shadow)
+            .await
+            .with_context(|| format!("creating the shadow tables in database {shadow}"))?;
+        let shadow_sink = sink.in_database(&shadow);
+        let rows = vec![
+            write_all(&shadow_sink, &all.orders_by_minute).await?,
+            write_all(&shadow_sink, &all.product_sales).await?,
+            write_all(&shadow_sink, &all.customers_by_minute).await?,
+            write_all(&shadow_sink, &all.products).await?,
+        ];
+        sink.swap_in(
+            &config.clickhouse.database,
+            &shadow,
+            &replaced_database(config),
+        )
+        .await
+        .context("swapping the rebuilt tables in")?;
+        anyhow::Ok(rows)
+    })?;
+    commit_ends(config, &spans).context(
+        "the rebuilt tables are in; committing the processor's group at the offsets the rebuild \
+         read to failed, so the processor will read again from its older offsets, which is safe \
+         but slower",
+    )?;
+    Ok(Rebuilt {
+        spans,
+        summary,
+        rows,
+        snapshot,
+        read_in,
+        total: started.elapsed(),
+    })
+}
+
+/// Every record of the table topics up to their ends at the start, through
+/// the decoder into a rebuilding state.
+fn read(config: &Config) -> anyhow::Result<(AllAggregates, ReplaySummary, Vec<Span>)> {
+    let prefix = &config.kafka.topic_prefix;
+    let mut client = consumer_config(&config.kafka);
+    // Its own group, which never commits: the processor's is left alone.
+    client.set("group.id", format!("{}-rebuild", config.kafka.group_id));
+    let consumer: BaseConsumer = client
+        .create()
+        .context("creating a Kafka consumer (setting ETL_KAFKA_BROKERS)")?;
+    let spans = spans(&consumer, prefix)?;
+    let mut assignment = TopicPartitionList::new();
+    let mut left: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for span in spans.iter().filter(|s| s.end > s.start) {
+        assignment.add_partition_offset(&span.topic, span.partition, Offset::Offset(span.start))?;
+        left.insert((span.topic.clone(), span.partition), span.end);
+    }
+    consumer.assign(&assignment)?;
+
+    let mut all = AllAggregates::rebuilding();
+    let mut summary = ReplaySummary::default();
+    let mut last_record = Instant::now();
+    while !left.is_empty() {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            if last_record.elapsed() > STALLED {
+                bail!(
+                    "no record for {STALLED:?}, with partitions short of their end (topic, partition: end): {left:?}"
+                );
+            }
+            continue;
+        };
+        let message = message.context("reading the table topics")?;
+        last_record = Instant::now();
+        let key = (message.topic().to_owned(), message.partition());
+        let Some(&end) = left.get(&key) else { continue };
+        if message.offset() >= end {
+            continue;
+        }
+        let table = Table::from_topic(message.topic(), prefix).expect("only table topics are read");
+        let at = (message.partition(), message.offset());
+        all.feed(&mut summary, table, at, message.payload())
+            .with_context(|| format!("{} partition {} offset {}", key.0, at.0, at.1))?;
+        if message.offset() + 1 >= end {
+            left.remove(&key);
+        }
+    }
+    Ok((all, summary, spans))
+}
+
+/// The partitions of every table topic, with their first offset and their
+/// current end. A table whose topic does not exist yet has had no event.
+fn spans(consumer: &BaseConsumer, prefix: &str) -> anyhow::Result<Vec<Span>> {
+    let mut spans = Vec::new();
+    for table in Table::ALL {
+        let topic = table.topic(prefix);
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), BROKER_TIMEOUT)
+            .with_context(|| format!("reading the metadata of topic {topic}"))?;
+        let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+            continue;
+        };
+        if found.error().is_some() || found.partitions().is_empty() {
+            tracing::warn!(%topic, "no such topic: the table has had no event");
+            continue;
+        }
+        for partition in found.partitions() {
+            let (start, end) = consumer
+                .fetch_watermarks(&topic, partition.id(), BROKER_TIMEOUT)
+                .with_context(|| {
+                    format!(
+                        "reading the offsets of {topic} partition {}",
+                        partition.id()
+                    )
+                })?;
+            spans.push(Span {
+                table,
+                topic: topic.clone(),
+                partition: partition.id(),
+                start,
+                end,
+            });
+        }
+    }
+    Ok(spans)
+}
+
+/// What the rows were counted from must be whole: every partition reached
+/// its table's newest snapshot, that snapshot has finished, and no
+/// partition's log lost its start to retention. Returns that snapshot.
+fn check(all: &AllAggregates, spans: &[Span]) -> anyhow::Result<SnapshotId> {
+    all.rebuilt()
+        .context("rebuilding: a partition cannot be counted from the newest snapshot")?;
+    let marks = [
+        (Table::Orders, marks(&all.orders_by_minute)),
+        (Table::OrderItems, marks(&all.product_sales)),
+        (Table::Customers, marks(&all.customers_by_minute)),
+        (Table::Products, marks(&all.products)),
+    ];
+    let newest = all.newest_snapshot();
+    // Debezium streams once its whole snapshot is done: a change streamed
+    // after the snapshot's rows, in any partition, says it finished.
+    let finished = newest == SnapshotId::default()
+        || marks.iter().any(|(_, m)| {
+            m.iter()
+                .any(|(_, mark)| mark.snapshot == newest && mark.position != Position::default())
+        });
+    if !finished {
+        bail!(
+            "rebuilding: the newest snapshot ({newest}) has not finished: no change was streamed \
+             after it yet. Wait for the connector to stream (any change to a captured table), then \
+             run the rebuild again"
+        );
+    }
+    for span in spans.iter().filter(|s| s.start > 0 && s.end > s.start) {
+        let mark = marks
+            .iter()
+            .filter(|(t, _)| *t == span.table)
+            .flat_map(|(_, m)| m.iter())
+            .find(|(p, _)| *p == span.partition)
+            .map(|(_, mark)| mark);
+        let whole = mark.is_some_and(|m| m.snapshot_offset > span.start);
+        if !whole {
+            bail!(
+                "rebuilding: {} partition {} starts at offset {}, not 0, and nothing before the \
+                 newest snapshot's first row is left in it: retention may have deleted rows of \
+                 that snapshot. Take a new snapshot, then rebuild",
+                span.topic,
+                span.partition,
+                span.start
+            );
+        }
+    }
+    Ok(newest)
+}
+
+/// The mark of every partition an aggregate holds rows or events of.
+fn marks<A: Aggregate>(state: &AggregateState<A>) -> Vec<(i32, SourceMark)> {
+    state
+        .watermarks()
+        .map(|(partition, _)| (partition, state.mark(partition)))
+        .collect()
+}
+
+/// Writes every row of `state` into `sink`'s table for it, and checks that
+/// the table then holds exactly those rows.
+async fn write_all<A: SinkTable>(
+    sink: &ClickHouseSink,
+    state: &AggregateState<A>,
+) -> anyhow::Result<(&'static str, usize)> {
+    let rows = state.dirty_rows();
+    for chunk in rows.chunks(INSERT_ROWS) {
+        sink.write::<A>(chunk)
+            .await
+            .with_context(|| format!("writing the rebuilt {}", A::NAME))?;
+    }
+    let stored = sink.count_rows(A::NAME).await?;
+    if stored != rows.len() as u64 {
+        bail!(
+            "rebuilding: the shadow {} holds {stored} rows after {} were written",
+            A::NAME,
+            rows.len()
+        );
+    }
+    Ok((A::NAME, rows.len()))
+}
+
+/// Commits the processor's group at the end of every partition read.
+fn commit_ends(config: &Config, spans: &[Span]) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = consumer_config(&config.kafka).create()?;
+    let mut offsets = TopicPartitionList::new();
+    for span in spans {
+        offsets.add_partition_offset(&span.topic, span.partition, Offset::Offset(span.end))?;
+    }
+    consumer.commit(&offsets, CommitMode::Sync)?;
+    Ok(())
+}
