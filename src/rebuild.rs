@@ -1,7 +1,7 @@
 //! `etl-processor rebuild`: every aggregate counted again from the newest
 //! snapshot in the topics, into shadow tables, which then replace the live
-//! ones at once. Dashboards read the old numbers until the swap and the new
-//! ones after it, never a table half built.
+//! ones, each at once. Dashboards read a table's old numbers until the swap
+//! and its new ones after it, never a table half built.
 //!
 //! The processor must not run meanwhile (it stops by itself, exit code 5, on
 //! the new snapshot a rebuild usually follows). After the swap, the
@@ -148,7 +148,10 @@ fn read(config: &Config) -> anyhow::Result<(AllAggregates, ReplaySummary, Vec<Sp
     let prefix = &config.kafka.topic_prefix;
     let mut client = consumer_config(&config.kafka);
     // Its own group, which never commits: the processor's is left alone.
-    client.set("group.id", format!("{}-rebuild", config.kafka.group_id));
+    // No statistics: nothing here reads them.
+    client
+        .set("group.id", format!("{}-rebuild", config.kafka.group_id))
+        .set("statistics.interval.ms", "0");
     let consumer: BaseConsumer = client
         .create()
         .context("creating a Kafka consumer (setting ETL_KAFKA_BROKERS)")?;
@@ -310,7 +313,9 @@ async fn write_all<A: SinkTable>(
 
 /// Commits the processor's group at the end of every partition read.
 fn commit_ends(config: &Config, spans: &[Span]) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = consumer_config(&config.kafka).create()?;
+    let consumer: BaseConsumer = consumer_config(&config.kafka)
+        .set("statistics.interval.ms", "0")
+        .create()?;
     let mut offsets = TopicPartitionList::new();
     for span in spans {
         offsets.add_partition_offset(&span.topic, span.partition, Offset::Offset(span.end))?;

@@ -691,6 +691,7 @@ proptest! {
         after in proptest::collection::vec(step(), 0..20),
         later in proptest::collection::vec(step(), 0..20),
         committed in proptest::collection::vec(any::<prop::sample::Index>(), PARTITIONS as usize),
+        rotate in proptest::option::of(0..PARTITIONS as i32),
     ) {
         let mut source = Source::new();
         let streamed = source.run(&before);
@@ -710,8 +711,14 @@ proptest! {
         deliveries.extend(source.run(&after));
         let events = at_offsets(&deliveries, &[0; PARTITIONS as usize]);
 
+        // A consumer reads partitions in any interleaving: here, with
+        // `rotate`, one whole partition after the other.
+        let mut read = events.clone();
+        if let Some(rotate) = rotate {
+            read.sort_by_key(|(p, _, _, _)| (p + rotate) % PARTITIONS as i32);
+        }
         let mut rebuilt = AggregateState::<OrdersByMinute>::rebuilding();
-        apply_all(&mut rebuilt, &events);
+        apply_all(&mut rebuilt, &read);
         match rebuilt.rebuilt(0) {
             Ok(()) => prop_assert_eq!(rebuilt.totals(), group_by(&source.table)),
             // Only a partition with rows but none of the new snapshot's.

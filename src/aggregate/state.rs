@@ -196,9 +196,12 @@ impl<K, V: Default> PartitionState<K, V> {
                     });
                 }
                 // The snapshot started over and sent this partition no rows:
-                // the table had none of its keys by then.
+                // the table had none of its keys by then. Only a change
+                // written after that snapshot tells so: an older one may
+                // precede its rows in this partition, read before them.
                 let replaced_snapshot = self.position == Position::default()
                     && self.snapshot < latest
+                    && position.lsn > latest.lsn
                     && self.start_snapshot(latest, offset, rebuild);
                 self.advance(position, row);
                 Ok(Placed::New { replaced_snapshot })
