@@ -128,9 +128,8 @@ pub fn rebuild(config: &Config) -> anyhow::Result<Rebuilt> {
         anyhow::Ok(rows)
     })?;
     commit_ends(config, &spans).context(
-        "the rebuilt tables are in; committing the processor's group at the offsets the rebuild \
-         read to failed, so the processor will read again from its older offsets, which is safe \
-         but slower",
+        "the rebuilt tables are in, but committing the processor's group at the offsets the \
+         rebuild read to failed: run the rebuild again before starting the processor",
     )?;
     Ok(Rebuilt {
         spans,
@@ -253,9 +252,9 @@ fn check(all: &AllAggregates, spans: &[Span]) -> anyhow::Result<SnapshotId> {
         });
     if !finished {
         bail!(
-            "rebuilding: the newest snapshot ({newest}) has not finished: no change was streamed \
-             after it yet. Wait for the connector to stream (any change to a captured table), then \
-             run the rebuild again"
+            "rebuilding: the newest snapshot ({newest}) may not have finished: no change was \
+             streamed after it yet. Once the connector streams (after any change to a captured \
+             table), run the rebuild again"
         );
     }
     for span in spans.iter().filter(|s| s.start > 0 && s.end > s.start) {
@@ -322,4 +321,91 @@ fn commit_ends(config: &Config, spans: &[Span]) -> anyhow::Result<()> {
     }
     consumer.commit(&offsets, CommitMode::Sync)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+    use crate::cdc::{Change, Customer, Op, Origin, TableChange};
+
+    fn customer(op: Op, id: i64) -> TableChange {
+        TableChange::Customer(Change {
+            op,
+            before: None,
+            after: Some(Customer {
+                id,
+                created_at: Utc.timestamp_opt(1_706_778_000, 0).unwrap(),
+            }),
+        })
+    }
+
+    const SNAPSHOT: Origin = Origin::Snapshot(SnapshotId {
+        lsn: 100,
+        started_ms: 1,
+    });
+
+    fn span(start: i64, end: i64) -> Span {
+        Span {
+            table: Table::Customers,
+            topic: "store.public.customers".into(),
+            partition: 0,
+            start,
+            end,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_with_no_change_streamed_after_it_may_be_unfinished() {
+        let mut all = AllAggregates::rebuilding();
+        all.apply(0, 0, SNAPSHOT, &customer(Op::Read, 1)).unwrap();
+        let refused = check(&all, &[span(0, 1)]).unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("may not have finished"),
+            "{refused:#}"
+        );
+
+        let after = Origin::Stream(Position {
+            commit: 0,
+            lsn: 120,
+        });
+        all.apply(0, 1, after, &customer(Op::Create, 2)).unwrap();
+        let snapshot = check(&all, &[span(0, 2)]).unwrap();
+        assert_eq!(
+            snapshot,
+            SnapshotId {
+                lsn: 100,
+                started_ms: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_log_trimmed_up_to_the_snapshot_may_have_lost_its_first_rows() {
+        let mut all = AllAggregates::rebuilding();
+        let older = Origin::Stream(Position {
+            commit: 40,
+            lsn: 50,
+        });
+        all.apply(0, 7, older, &customer(Op::Create, 9)).unwrap();
+        all.apply(0, 8, SNAPSHOT, &customer(Op::Read, 1)).unwrap();
+        let after = Origin::Stream(Position {
+            commit: 0,
+            lsn: 120,
+        });
+        all.apply(0, 9, after, &customer(Op::Create, 2)).unwrap();
+        // Something before the snapshot's first row is left: it is whole.
+        check(&all, &[span(7, 10)]).unwrap();
+
+        let mut trimmed = AllAggregates::rebuilding();
+        trimmed
+            .apply(0, 8, SNAPSHOT, &customer(Op::Read, 1))
+            .unwrap();
+        trimmed
+            .apply(0, 9, after, &customer(Op::Create, 2))
+            .unwrap();
+        let refused = check(&trimmed, &[span(8, 10)]).unwrap_err();
+        assert!(format!("{refused:#}").contains("retention"), "{refused:#}");
+    }
 }
