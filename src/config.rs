@@ -24,11 +24,37 @@ pub struct Config {
     /// How long SIGTERM/SIGINT may take to flush and commit before the process
     /// exits without them (the next start replays what was not committed).
     pub shutdown_timeout: Duration,
+    /// What the processor does when its source started over (the cases of
+    /// exit code 5): stop, or rebuild the aggregates and go on.
+    pub on_started_over: OnStartedOver,
+    /// How long a rebuild reads on, waiting for the newest snapshot to
+    /// finish, before it gives up.
+    pub rebuild_snapshot_wait: Duration,
     /// Postgres connection URL; only `reconcile` needs it.
     pub postgres_url: Option<String>,
     /// The log filter (tracing's EnvFilter syntax), checked at start-up.
     pub log: String,
     pub telemetry: TelemetryConfig,
+}
+
+/// What the processor does when its source started over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStartedOver {
+    /// Exit with code 5; the live tables keep what was counted before.
+    Stop,
+    /// Rebuild the aggregates from the newest snapshot, then go on.
+    Rebuild,
+}
+
+impl FromStr for OnStartedOver {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "stop" => Ok(OnStartedOver::Stop),
+            "rebuild" => Ok(OnStartedOver::Rebuild),
+            _ => Err("expected stop or rebuild".into()),
+        }
+    }
 }
 
 /// Where the processor reports on itself.
@@ -373,6 +399,8 @@ const KNOWN: &[&str] = &[
     "ETL_COMMIT_INTERVAL_MS",
     "ETL_DEAD_LETTER_TOPIC",
     "ETL_SHUTDOWN_TIMEOUT_MS",
+    "ETL_ON_SOURCE_STARTED_OVER",
+    "ETL_REBUILD_SNAPSHOT_WAIT_MS",
     "ETL_RESTART_PARTITION",
     "ETL_RESTART_AGGREGATOR",
     "ETL_RESTART_SINK",
@@ -503,6 +531,15 @@ impl Config {
                 ),
             ),
             shutdown_timeout: s.millis("ETL_SHUTDOWN_TIMEOUT_MS", 30_000, 1_000, 600_000)?,
+            on_started_over: s.parsed("ETL_ON_SOURCE_STARTED_OVER", OnStartedOver::Stop, |_| {
+                Ok(())
+            })?,
+            rebuild_snapshot_wait: s.millis(
+                "ETL_REBUILD_SNAPSHOT_WAIT_MS",
+                600_000,
+                0,
+                86_400_000,
+            )?,
             log: s.string("ETL_LOG", "info"),
             telemetry: TelemetryConfig {
                 metrics_addr: match s.string("ETL_METRICS_ADDR", "127.0.0.1:9464").as_str() {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use etl::config::Config;
+use etl::config::{Config, OnStartedOver};
 use etl::sink::ClickHouseSink;
 use etl::source::{continuity, LogStartedOver};
 
@@ -33,7 +33,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Consume the Debezium topics and keep the ClickHouse aggregates (default).
-    Run,
+    Run {
+        /// Rebuild the aggregates first, as `rebuild` does (what the processor
+        /// becomes when its source started over and
+        /// ETL_ON_SOURCE_STARTED_OVER=rebuild).
+        #[arg(long)]
+        rebuild_first: bool,
+    },
     /// Replay captured Debezium events (JSON lines: {"topic","key","value"})
     /// through the decoder and aggregates; print the final aggregates.
     /// Events the pipeline would dead-letter are left out and listed on
@@ -107,8 +113,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(config),
+    let result = match cli.command.unwrap_or(Command::Run {
+        rebuild_first: false,
+    }) {
+        Command::Run { rebuild_first } => run(config, rebuild_first),
         Command::Replay { file } => etl::replay::command(&file, &config.kafka.topic_prefix),
         Command::Reconcile => reconcile(config),
         Command::Rebuild => etl::rebuild::command(&config),
@@ -182,6 +190,23 @@ fn reconcile(config: Config) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn run(config: Config) -> anyhow::Result<ExitCode> {
-    etl::app::run(config, etl::app::shutdown_signal())
+fn run(config: Config, rebuild_first: bool) -> anyhow::Result<ExitCode> {
+    if rebuild_first {
+        let rebuilt = etl::rebuild::rebuild(&config)?;
+        for line in rebuilt.report(&config) {
+            tracing::info!("{line}");
+        }
+    }
+    let policy = config.on_started_over;
+    match etl::app::run(config, etl::app::shutdown_signal()) {
+        // Stopping is main's usual error path below, which maps it to exit 5.
+        Err(e)
+            if policy == OnStartedOver::Rebuild
+                && e.chain().any(|cause| cause.is::<LogStartedOver>()) =>
+        {
+            tracing::error!("{e:#}");
+            etl::rebuild::source_started_over(policy)
+        }
+        done => done,
+    }
 }

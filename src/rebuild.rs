@@ -9,7 +9,7 @@
 //! goes on from there; a processor that starts from older offsets is safe
 //! too, since events before a partition's snapshot count as replays.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::aggregate::{Aggregate, AggregateState, SourceMark};
 use crate::cdc::{Position, SnapshotId, Table};
-use crate::config::Config;
+use crate::config::{Config, OnStartedOver};
 use crate::replay::{AllAggregates, ReplaySummary};
 use crate::sink::{ClickHouseSink, SinkTable};
 use crate::source::kafka::consumer_config;
@@ -58,27 +58,36 @@ pub struct Rebuilt {
 
 /// `etl-processor rebuild`: rebuilds, swaps, and prints what it did.
 pub fn command(config: &Config) -> anyhow::Result<ExitCode> {
-    let rebuilt = rebuild(config)?;
-    let events: i64 = rebuilt.spans.iter().map(|s| s.end - s.start).sum();
-    println!(
-        "rebuild: read {events} events from {} partitions in {:.1} s ({} changes, {} sent again and skipped, {} partitions replaced by a newer snapshot, {} dead letters left out)",
-        rebuilt.spans.len(),
-        rebuilt.read_in.as_secs_f64(),
-        rebuilt.summary.changes,
-        rebuilt.summary.repeats,
-        rebuilt.summary.snapshots_replaced,
-        rebuilt.summary.dead_lettered(),
-    );
-    for (aggregate, rows) in &rebuilt.rows {
-        println!("rebuild: {aggregate}: {rows} rows");
+    for line in rebuild(config)?.report(config) {
+        println!("{line}");
     }
-    println!(
-        "rebuild: swapped in, counted from {}, in {:.1} s; the replaced tables are in database {}",
-        rebuilt.snapshot,
-        rebuilt.total.as_secs_f64(),
-        replaced_database(config)
-    );
     Ok(ExitCode::SUCCESS)
+}
+
+impl Rebuilt {
+    /// What the rebuild did, in lines for a person.
+    pub fn report(&self, config: &Config) -> Vec<String> {
+        let events: i64 = self.spans.iter().map(|s| s.end - s.start).sum();
+        let mut lines = vec![format!(
+            "rebuild: read {events} events from {} partitions in {:.1} s ({} changes, {} sent again and skipped, {} partitions replaced by a newer snapshot, {} dead letters left out)",
+            self.spans.len(),
+            self.read_in.as_secs_f64(),
+            self.summary.changes,
+            self.summary.repeats,
+            self.summary.snapshots_replaced,
+            self.summary.dead_lettered(),
+        )];
+        for (aggregate, rows) in &self.rows {
+            lines.push(format!("rebuild: {aggregate}: {rows} rows"));
+        }
+        lines.push(format!(
+            "rebuild: swapped in, counted from {}, in {:.1} s; the replaced tables are in database {}",
+            self.snapshot,
+            self.total.as_secs_f64(),
+            replaced_database(config)
+        ));
+        lines
+    }
 }
 
 /// The database the shadow tables are built in.
@@ -92,12 +101,38 @@ pub fn replaced_database(config: &Config) -> String {
 }
 
 /// Reads every partition of the table topics to its current end, counts
-/// from the newest snapshot, writes the shadow tables, swaps them in and
-/// commits the processor's group at the ends read.
+/// from the newest snapshot (reading on, up to `ETL_REBUILD_SNAPSHOT_WAIT_MS`,
+/// while that snapshot has not finished), writes the shadow tables, swaps
+/// them in and commits the processor's group at the ends read.
 pub fn rebuild(config: &Config) -> anyhow::Result<Rebuilt> {
     let started = Instant::now();
-    let (all, summary, spans) = read(config)?;
+    let mut reader = Reader::new(config)?;
+    reader.read_to_ends()?;
+    while let Some(newest) = unfinished(&reader.all) {
+        if started.elapsed() > config.rebuild_snapshot_wait {
+            bail!(
+                "rebuilding: the newest snapshot ({newest}) may not have finished: no change was \
+                 streamed after it within {:?} (setting ETL_REBUILD_SNAPSHOT_WAIT_MS). Once the \
+                 connector streams (after any change to a captured table), run the rebuild again",
+                config.rebuild_snapshot_wait
+            );
+        }
+        tracing::info!(%newest, "waiting for the newest snapshot to finish: reading on");
+        std::thread::sleep(SNAPSHOT_POLL);
+        reader.extend_ends()?;
+        reader.read_to_ends()?;
+    }
+    // The snapshot's last rows of one partition may reach the broker just
+    // after the first streamed change of another: read what came meanwhile.
+    reader.extend_ends()?;
+    reader.read_to_ends()?;
     let read_in = started.elapsed();
+    let Reader {
+        all,
+        summary,
+        spans,
+        ..
+    } = reader;
     let snapshot = check(&all, &spans)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -141,56 +176,112 @@ pub fn rebuild(config: &Config) -> anyhow::Result<Rebuilt> {
     })
 }
 
-/// Every record of the table topics up to their ends at the start, through
-/// the decoder into a rebuilding state.
-fn read(config: &Config) -> anyhow::Result<(AllAggregates, ReplaySummary, Vec<Span>)> {
-    let prefix = &config.kafka.topic_prefix;
-    let mut client = consumer_config(&config.kafka);
-    // Its own group, which never commits: the processor's is left alone.
-    // No statistics: nothing here reads them.
-    client
-        .set("group.id", format!("{}-rebuild", config.kafka.group_id))
-        .set("statistics.interval.ms", "0");
-    let consumer: BaseConsumer = client
-        .create()
-        .context("creating a Kafka consumer (setting ETL_KAFKA_BROKERS)")?;
-    let spans = spans(&consumer, prefix)?;
-    let mut assignment = TopicPartitionList::new();
-    let mut left: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    for span in spans.iter().filter(|s| s.end > s.start) {
-        assignment.add_partition_offset(&span.topic, span.partition, Offset::Offset(span.start))?;
-        left.insert((span.topic.clone(), span.partition), span.end);
-    }
-    consumer.assign(&assignment)?;
+/// How often a rebuild looks for more records while the newest snapshot
+/// has not finished.
+const SNAPSHOT_POLL: Duration = Duration::from_secs(1);
 
-    let mut all = AllAggregates::rebuilding();
-    let mut summary = ReplaySummary::default();
-    let mut last_record = Instant::now();
-    while !left.is_empty() {
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            if last_record.elapsed() > STALLED {
-                bail!(
-                    "no record for {STALLED:?}, with partitions short of their end (topic, partition: end): {left:?}"
-                );
-            }
-            continue;
-        };
-        let message = message.context("reading the table topics")?;
-        last_record = Instant::now();
-        let key = (message.topic().to_owned(), message.partition());
-        let Some(&end) = left.get(&key) else { continue };
-        if message.offset() >= end {
-            continue;
+/// The table topics, read through the decoder into a rebuilding state.
+struct Reader {
+    consumer: BaseConsumer,
+    prefix: String,
+    /// Each partition from its first offset to the record after the last
+    /// one read (its end at the start, until read).
+    spans: Vec<Span>,
+    at: HashMap<(String, i32), usize>,
+    /// The partitions not read to the end they must reach yet.
+    left: HashMap<(String, i32), i64>,
+    all: AllAggregates,
+    summary: ReplaySummary,
+}
+
+impl Reader {
+    /// Assigns every partition of the table topics from its first offset,
+    /// to be read to its end now.
+    fn new(config: &Config) -> anyhow::Result<Reader> {
+        let mut client = consumer_config(&config.kafka);
+        // Its own group, which never commits: the processor's is left
+        // alone. No statistics: nothing here reads them.
+        client
+            .set("group.id", format!("{}-rebuild", config.kafka.group_id))
+            .set("statistics.interval.ms", "0");
+        let consumer: BaseConsumer = client
+            .create()
+            .context("creating a Kafka consumer (setting ETL_KAFKA_BROKERS)")?;
+        let prefix = config.kafka.topic_prefix.clone();
+        let spans = spans(&consumer, &prefix)?;
+        let mut assignment = TopicPartitionList::new();
+        for span in &spans {
+            let from = Offset::Offset(span.start);
+            assignment.add_partition_offset(&span.topic, span.partition, from)?;
         }
-        let table = Table::from_topic(message.topic(), prefix).expect("only table topics are read");
-        let at = (message.partition(), message.offset());
-        all.feed(&mut summary, table, at, message.payload())
-            .with_context(|| format!("{} partition {} offset {}", key.0, at.0, at.1))?;
-        if message.offset() + 1 >= end {
-            left.remove(&key);
-        }
+        consumer.assign(&assignment)?;
+        let key = |s: &Span| (s.topic.clone(), s.partition);
+        Ok(Reader {
+            at: spans.iter().enumerate().map(|(i, s)| (key(s), i)).collect(),
+            left: spans
+                .iter()
+                .filter(|s| s.end > s.start)
+                .map(|s| (key(s), s.end))
+                .collect(),
+            consumer,
+            prefix,
+            spans,
+            all: AllAggregates::rebuilding(),
+            summary: ReplaySummary::default(),
+        })
     }
-    Ok((all, summary, spans))
+
+    /// Every partition must now be read to where its log ends now.
+    fn extend_ends(&mut self) -> anyhow::Result<()> {
+        for span in &self.spans {
+            let (_, end) = self
+                .consumer
+                .fetch_watermarks(&span.topic, span.partition, BROKER_TIMEOUT)
+                .with_context(|| {
+                    format!(
+                        "reading the end of {} partition {}",
+                        span.topic, span.partition
+                    )
+                })?;
+            if end > span.end {
+                self.left.insert((span.topic.clone(), span.partition), end);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads until every partition reached its end. A record past it is
+    /// read too (the span grows): every record read is counted, so the
+    /// spans' ends are where the processor goes on.
+    fn read_to_ends(&mut self) -> anyhow::Result<()> {
+        let mut last_record = Instant::now();
+        while !self.left.is_empty() {
+            let Some(message) = self.consumer.poll(Duration::from_millis(200)) else {
+                if last_record.elapsed() > STALLED {
+                    bail!(
+                        "no record for {STALLED:?}, with partitions short of their end (topic, partition: end): {:?}",
+                        self.left
+                    );
+                }
+                continue;
+            };
+            let message = message.context("reading the table topics")?;
+            last_record = Instant::now();
+            let key = (message.topic().to_owned(), message.partition());
+            let table = Table::from_topic(message.topic(), &self.prefix)
+                .expect("only table topics are read");
+            let at = (message.partition(), message.offset());
+            self.all
+                .feed(&mut self.summary, table, at, message.payload())
+                .with_context(|| format!("{} partition {} offset {}", key.0, at.0, at.1))?;
+            let span = &mut self.spans[self.at[&key]];
+            span.end = span.end.max(message.offset() + 1);
+            if self.left.get(&key).is_some_and(|&end| span.end >= end) {
+                self.left.remove(&key);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The partitions of every table topic, with their first offset and their
@@ -230,9 +321,28 @@ fn spans(consumer: &BaseConsumer, prefix: &str) -> anyhow::Result<Vec<Span>> {
     Ok(spans)
 }
 
+/// The newest snapshot, if no change was streamed after it yet: Debezium
+/// streams once its whole snapshot is done, so a change after the
+/// snapshot's rows, in any partition, says it finished.
+fn unfinished(all: &AllAggregates) -> Option<SnapshotId> {
+    let newest = all.newest_snapshot();
+    let marks = [
+        marks(&all.orders_by_minute),
+        marks(&all.product_sales),
+        marks(&all.customers_by_minute),
+        marks(&all.products),
+    ];
+    let finished = newest == SnapshotId::default()
+        || marks
+            .iter()
+            .flatten()
+            .any(|(_, mark)| mark.snapshot == newest && mark.position != Position::default());
+    (!finished).then_some(newest)
+}
+
 /// What the rows were counted from must be whole: every partition reached
-/// its table's newest snapshot, that snapshot has finished, and no
-/// partition's log lost its start to retention. Returns that snapshot.
+/// the newest snapshot, and no partition's log lost its start to
+/// retention. Returns that snapshot.
 fn check(all: &AllAggregates, spans: &[Span]) -> anyhow::Result<SnapshotId> {
     all.rebuilt()
         .context("rebuilding: a partition cannot be counted from the newest snapshot")?;
@@ -243,20 +353,6 @@ fn check(all: &AllAggregates, spans: &[Span]) -> anyhow::Result<SnapshotId> {
         (Table::Products, marks(&all.products)),
     ];
     let newest = all.newest_snapshot();
-    // Debezium streams once its whole snapshot is done: a change streamed
-    // after the snapshot's rows, in any partition, says it finished.
-    let finished = newest == SnapshotId::default()
-        || marks.iter().any(|(_, m)| {
-            m.iter()
-                .any(|(_, mark)| mark.snapshot == newest && mark.position != Position::default())
-        });
-    if !finished {
-        bail!(
-            "rebuilding: the newest snapshot ({newest}) may not have finished: no change was \
-             streamed after it yet. Once the connector streams (after any change to a captured \
-             table), run the rebuild again"
-        );
-    }
     for span in spans.iter().filter(|s| s.start > 0 && s.end > s.start) {
         let mark = marks
             .iter()
@@ -310,7 +406,10 @@ async fn write_all<A: SinkTable>(
     Ok((A::NAME, rows.len()))
 }
 
-/// Commits the processor's group at the end of every partition read.
+/// Commits the processor's group at the end of every partition read. A
+/// broker refuses a commit from outside the group while it has members, so
+/// it is tried until a processor that ended without leaving (the one that
+/// found the source started over, say) has timed out of the group.
 fn commit_ends(config: &Config, spans: &[Span]) -> anyhow::Result<()> {
     let consumer: BaseConsumer = consumer_config(&config.kafka)
         .set("statistics.interval.ms", "0")
@@ -319,8 +418,38 @@ fn commit_ends(config: &Config, spans: &[Span]) -> anyhow::Result<()> {
     for span in spans {
         offsets.add_partition_offset(&span.topic, span.partition, Offset::Offset(span.end))?;
     }
-    consumer.commit(&offsets, CommitMode::Sync)?;
-    Ok(())
+    let deadline = Instant::now() + config.kafka.session_timeout * 2;
+    loop {
+        match consumer.commit(&offsets, CommitMode::Sync) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, group = %config.kafka.group_id, "committing the rebuild's offsets for the processor's group: trying again");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The processor found its source started over (the cases of exit code 5).
+/// With `ETL_ON_SOURCE_STARTED_OVER=rebuild` the process becomes
+/// `etl-processor run --rebuild-first` in place: exec keeps its id, so its
+/// orchestrator sees it go on, and, as after an exit, nothing of the old
+/// pipeline flushes or commits again. Otherwise it exits with code 5.
+pub fn source_started_over(policy: OnStartedOver) -> ! {
+    crate::telemetry::log_summary();
+    if policy == OnStartedOver::Rebuild {
+        use std::os::unix::process::CommandExt;
+        tracing::warn!("the source started over: rebuilding the aggregates from its newest snapshot, then counting on (ETL_ON_SOURCE_STARTED_OVER=rebuild)");
+        let error = match std::env::current_exe() {
+            Ok(exe) => std::process::Command::new(exe)
+                .args(["run", "--rebuild-first"])
+                .exec(),
+            Err(e) => e,
+        };
+        tracing::error!(%error, "cannot start the rebuild; exiting");
+    }
+    std::process::exit(i32::from(crate::source::continuity::EXIT_LOG_STARTED_OVER))
 }
 
 #[cfg(test)]

@@ -707,6 +707,53 @@ async fn live_totals(sink: &etl::sink::ClickHouseSink) -> Result<Vec<String>, St
     Ok(rows)
 }
 
+/// A run whose processor counted a workload streamed by an engine of its
+/// own; then the engine takes a new snapshot from a new slot while loadgen
+/// writes to the store. Returns the run, the engine, processor 1 and
+/// loadgen, all running.
+async fn new_snapshot_under_load(name: &str, settings: &[(&str, &str)]) -> NewSnapshot {
+    let mut run = Run::new(name).await;
+    let mut engine = OwnEngine::new(&run);
+    run.read_topics_of(&engine.prefix);
+    for (key, value) in settings {
+        run.set(key, value);
+    }
+    engine.start(&[]);
+    engine.streaming(&run).await;
+    let processor = run.start_processor();
+    wait(
+        &mut run.start_workload(seeds() + 18, "--size large"),
+        "workload",
+    );
+    run.caught_up("before the new snapshot").await;
+
+    engine.kill();
+    engine.take_new_slot();
+    let loadgen_log = std::fs::File::create(run.logs.join("loadgen.log")).unwrap();
+    let seed = seeds().to_string();
+    let loadgen = Processor(
+        run.processor_command(&["loadgen", "--rate", "10", "--seed", &seed])
+            .stdout(Stdio::null())
+            .stderr(loadgen_log)
+            .spawn()
+            .unwrap(),
+    );
+    engine.start(&[]);
+    NewSnapshot {
+        run,
+        engine,
+        processor,
+        loadgen,
+    }
+}
+
+struct NewSnapshot {
+    run: Run,
+    engine: OwnEngine,
+    processor: Processor,
+    loadgen: Processor,
+}
+
 /// The rebuild: the connector takes a new snapshot after
 /// streaming, from a new slot, and the processor stops (exit code 5).
 /// `rebuild`, while loadgen writes to the store, counts from the new
@@ -717,29 +764,12 @@ async fn live_totals(sink: &etl::sink::ClickHouseSink) -> Result<Vec<String>, St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the real stack: run scripts/test"]
 async fn a_rebuild_while_loadgen_runs_swaps_in_whole_totals() {
-    let mut run = Run::new("rebuild").await;
-    let mut engine = OwnEngine::new(&run);
-    run.read_topics_of(&engine.prefix);
-    engine.start(&[]);
-    engine.streaming(&run).await;
-    let mut processor = run.start_processor();
-    wait(
-        &mut run.start_workload(seeds() + 18, "--size large"),
-        "workload",
-    );
-    run.caught_up("before the new snapshot").await;
-
-    engine.kill();
-    engine.take_new_slot();
-    let loadgen_log = std::fs::File::create(run.logs.join("loadgen.log")).unwrap();
-    let mut loadgen = Processor(
-        run.processor_command(&["loadgen", "--rate", "10", "--seed", &seeds().to_string()])
-            .stdout(Stdio::null())
-            .stderr(loadgen_log)
-            .spawn()
-            .unwrap(),
-    );
-    engine.start(&[]);
+    let NewSnapshot {
+        mut run,
+        engine,
+        mut processor,
+        mut loadgen,
+    } = new_snapshot_under_load("rebuild", &[]).await;
     let status = stops(&mut processor, &run, 1).await;
     assert_eq!(status.code(), Some(EXIT_LOG_STARTED_OVER), "{}", run.log(1));
     engine.streaming(&run).await;
@@ -824,5 +854,50 @@ async fn a_rebuild_while_loadgen_runs_swaps_in_whole_totals() {
     let log = run.log(2);
     assert!(!log.contains("ERROR"), "{log}");
     processor.terminate();
+    drop(engine);
+}
+
+/// The automatic path: with `ETL_ON_SOURCE_STARTED_OVER=rebuild`, the
+/// processor that meets the new snapshot rebuilds in place (the same
+/// process, which never exits), waiting for the snapshot to finish, and
+/// goes on counting: reconcile is exact while loadgen still writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn with_rebuild_on_a_new_snapshot_the_processor_rebuilds_and_goes_on() {
+    let NewSnapshot {
+        run,
+        engine,
+        mut processor,
+        mut loadgen,
+    } = new_snapshot_under_load("auto_rebuild", &[("ETL_ON_SOURCE_STARTED_OVER", "rebuild")]).await;
+    let swapped = eventually(
+        "the processor to rebuild in place",
+        Duration::from_secs(180),
+        || async {
+            let log = run.log(1);
+            log.lines()
+                .find(|l| l.contains("rebuild: swapped in"))
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    eprintln!("auto_rebuild: {swapped}");
+    let log = run.log(1);
+    assert!(
+        log.contains("a new snapshot after streaming began")
+            && log.contains("ETL_ON_SOURCE_STARTED_OVER=rebuild"),
+        "{log}"
+    );
+    assert!(
+        processor.0.try_wait().unwrap().is_none(),
+        "the processor exited instead of going on:\n{log}"
+    );
+    let status = loadgen.sigterm();
+    assert!(status.success(), "loadgen: {status}");
+    let report = run.caught_up("after the rebuild in place").await;
+    eprintln!("auto_rebuild: exact over {} keys", report.compared);
+    assert!(processor.0.try_wait().unwrap().is_none(), "{}", run.log(1));
+    let status = processor.sigterm();
+    assert!(status.success(), "{}", run.log(1));
     drop(engine);
 }

@@ -13,7 +13,7 @@ use super::sink::{SinkActor, Write};
 use super::supervisor::Supervised;
 use crate::aggregate::AggregateState;
 use crate::cdc::{Origin, TableChange};
-use crate::config::{FaultConfig, FlushConfig};
+use crate::config::{FaultConfig, FlushConfig, OnStartedOver};
 use crate::restart::ActorKind;
 use crate::sink::{ClickHouseSink, SinkTable};
 use crate::source::CommitRequest;
@@ -83,6 +83,7 @@ pub struct AggregatorActor<A: SinkTable> {
     writer: Supervised<SinkActor<A>>,
     flush: FlushConfig,
     commits: Sender<CommitRequest>,
+    on_started_over: OnStartedOver,
     /// Keys updated since the last flush: an upper bound of the dirty rows.
     updated_since_flush: usize,
     /// Per partition, the last offset whose commit was requested.
@@ -123,6 +124,7 @@ impl<A: SinkTable> AggregatorActor<A> {
         writer: Supervised<SinkActor<A>>,
         flush: FlushConfig,
         commits: Sender<CommitRequest>,
+        on_started_over: OnStartedOver,
         faults: &Arc<FaultConfig>,
     ) -> Self {
         let mut state = AggregateState::default();
@@ -139,6 +141,7 @@ impl<A: SinkTable> AggregatorActor<A> {
             writer,
             flush,
             commits,
+            on_started_over,
             updated_since_flush: 0,
             committed: HashMap::new(),
             leases: HashMap::new(),
@@ -309,11 +312,10 @@ impl<A: SinkTable> ActorFuture<AggregatorActor<A>> for Settled {
 
 /// An event that cannot be placed in its partition's history: counting on
 /// could be wrong either way, and a restart would meet it again, so stop
-/// with the code of a source that started over.
-fn unplaceable(error: &crate::aggregate::Unplaceable) -> ! {
-    crate::telemetry::log_summary();
-    tracing::error!(%error, "an event cannot be placed in its partition's history; exiting (README, \"The source started over\")");
-    std::process::exit(i32::from(crate::source::continuity::EXIT_LOG_STARTED_OVER))
+/// as a source that started over does (exit code 5, or a rebuild).
+fn unplaceable(error: &crate::aggregate::Unplaceable, policy: OnStartedOver) -> ! {
+    tracing::error!(%error, "an event cannot be placed in its partition's history (README, \"The source started over\")");
+    crate::rebuild::source_started_over(policy)
 }
 
 /// Exit code when an aggregate holds a value its table cannot store.
@@ -348,7 +350,7 @@ impl<A: SinkTable> Handler<ApplyChanges> for AggregatorActor<A> {
         for (offset, origin, change) in &batch.changes {
             let applied = match self.state.apply(batch.partition, *offset, *origin, change) {
                 Ok(applied) => applied,
-                Err(e) => unplaceable(&e),
+                Err(e) => unplaceable(&e, self.on_started_over),
             };
             self.updated_since_flush += applied.keys_updated as usize;
             if applied.keys_skipped > 0 {
