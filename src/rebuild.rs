@@ -17,7 +17,10 @@ use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::aggregate::{Aggregate, AggregateState, SourceMark};
+use crate::aggregate::{
+    Aggregate, AggregateState, CustomersByMinute, OrdersByMinute, ProductSales, Products,
+    SourceMark,
+};
 use crate::cdc::{Position, SnapshotId, Table};
 use crate::config::{Config, OnStartedOver};
 use crate::replay::{AllAggregates, ReplaySummary};
@@ -33,7 +36,8 @@ const STALLED: Duration = Duration::from_secs(60);
 const INSERT_ROWS: usize = 100_000;
 
 /// One partition the rebuild read: from `start` (the log's first offset)
-/// up to `end` (its high watermark when the rebuild began, exclusive).
+/// up to `end` (the offset after the last record read, at least its end
+/// when the rebuild began): where the processor goes on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Span {
     pub table: Table,
@@ -106,7 +110,15 @@ pub fn replaced_database(config: &Config) -> String {
 /// them in and commits the processor's group at the ends read.
 pub fn rebuild(config: &Config) -> anyhow::Result<Rebuilt> {
     let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let sink = runtime
+        .block_on(ClickHouseSink::connect(&config.clickhouse))
+        .context("connecting to ClickHouse (setting ETL_CLICKHOUSE_URL)")?;
     let mut reader = Reader::new(config)?;
+    let partitions = reader.partitions();
+    let stored_before = runtime.block_on(stored_ends(&sink, &partitions))?;
     reader.read_to_ends()?;
     while let Some(newest) = unfinished(&reader.all) {
         if started.elapsed() > config.rebuild_snapshot_wait {
@@ -135,13 +147,7 @@ pub fn rebuild(config: &Config) -> anyhow::Result<Rebuilt> {
     } = reader;
     let snapshot = check(&all, &spans)?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     let rows = runtime.block_on(async {
-        let sink = ClickHouseSink::connect(&config.clickhouse)
-            .await
-            .context("connecting to ClickHouse (setting ETL_CLICKHOUSE_URL)")?;
         let shadow = shadow_database(config);
         sink.create_analytics_db(&shadow)
             .await
@@ -153,6 +159,16 @@ pub fn rebuild(config: &Config) -> anyhow::Result<Rebuilt> {
             write_all(&shadow_sink, &all.customers_by_minute).await?,
             write_all(&shadow_sink, &all.products).await?,
         ];
+        // A processor running meanwhile would write its old state into the
+        // rebuilt tables at its next flush: refuse while one is seen writing.
+        if stored_ends(&sink, &partitions).await? != stored_before {
+            bail!(
+                "rebuilding: the live tables of database {} changed while the rebuild read: a \
+                 processor is running. Stop it, then run the rebuild again (the live tables are \
+                 as it left them)",
+                config.clickhouse.database
+            );
+        }
         sink.swap_in(
             &config.clickhouse.database,
             &shadow,
@@ -185,7 +201,7 @@ struct Reader {
     consumer: BaseConsumer,
     prefix: String,
     /// Each partition from its first offset to the record after the last
-    /// one read (its end at the start, until read).
+    /// one read.
     spans: Vec<Span>,
     at: HashMap<(String, i32), usize>,
     /// The partitions not read to the end they must reach yet.
@@ -208,7 +224,7 @@ impl Reader {
             .create()
             .context("creating a Kafka consumer (setting ETL_KAFKA_BROKERS)")?;
         let prefix = config.kafka.topic_prefix.clone();
-        let spans = spans(&consumer, &prefix)?;
+        let mut spans = spans(&consumer, &prefix)?;
         let mut assignment = TopicPartitionList::new();
         for span in &spans {
             let from = Offset::Offset(span.start);
@@ -216,19 +232,32 @@ impl Reader {
         }
         consumer.assign(&assignment)?;
         let key = |s: &Span| (s.topic.clone(), s.partition);
+        let left = spans
+            .iter()
+            .filter(|s| s.end > s.start)
+            .map(|s| (key(s), s.end))
+            .collect();
+        // Nothing read yet: a span grows with each record read.
+        for span in &mut spans {
+            span.end = span.start;
+        }
         Ok(Reader {
             at: spans.iter().enumerate().map(|(i, s)| (key(s), i)).collect(),
-            left: spans
-                .iter()
-                .filter(|s| s.end > s.start)
-                .map(|s| (key(s), s.end))
-                .collect(),
+            left,
             consumer,
             prefix,
             spans,
             all: AllAggregates::rebuilding(),
             summary: ReplaySummary::default(),
         })
+    }
+
+    /// The partition numbers read, of any topic.
+    fn partitions(&self) -> Vec<i32> {
+        let mut partitions: Vec<i32> = self.spans.iter().map(|s| s.partition).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        partitions
     }
 
     /// Every partition must now be read to where its log ends now.
@@ -381,6 +410,35 @@ fn marks<A: Aggregate>(state: &AggregateState<A>) -> Vec<(i32, SourceMark)> {
         .watermarks()
         .map(|(partition, _)| (partition, state.mark(partition)))
         .collect()
+}
+
+/// The highest offset each live table stores from each of `partitions`
+/// (nothing for a table that does not exist yet): a processor that writes
+/// moves them.
+async fn stored_ends(
+    sink: &ClickHouseSink,
+    partitions: &[i32],
+) -> anyhow::Result<Vec<Vec<(i32, i64)>>> {
+    let present = sink.tables().await?;
+    Ok(vec![
+        stored_end::<OrdersByMinute>(sink, &present, partitions).await?,
+        stored_end::<ProductSales>(sink, &present, partitions).await?,
+        stored_end::<CustomersByMinute>(sink, &present, partitions).await?,
+        stored_end::<Products>(sink, &present, partitions).await?,
+    ])
+}
+
+async fn stored_end<A: SinkTable>(
+    sink: &ClickHouseSink,
+    present: &[String],
+    partitions: &[i32],
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    if !present.iter().any(|t| t == A::NAME) {
+        return Ok(Vec::new());
+    }
+    let mut ends = sink.highest_offsets::<A>(partitions).await?;
+    ends.sort_unstable();
+    Ok(ends)
 }
 
 /// Writes every row of `state` into `sink`'s table for it, and checks that

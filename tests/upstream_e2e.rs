@@ -860,7 +860,8 @@ async fn a_rebuild_while_loadgen_runs_swaps_in_whole_totals() {
 /// The automatic path: with `ETL_ON_SOURCE_STARTED_OVER=rebuild`, the
 /// processor that meets the new snapshot rebuilds in place (the same
 /// process, which never exits), waiting for the snapshot to finish, and
-/// goes on counting: reconcile is exact while loadgen still writes.
+/// goes on counting: reconcile is exact. A rebuild run by hand while it
+/// runs refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the real stack: run scripts/test"]
 async fn with_rebuild_on_a_new_snapshot_the_processor_rebuilds_and_goes_on() {
@@ -892,6 +893,12 @@ async fn with_rebuild_on_a_new_snapshot_the_processor_rebuilds_and_goes_on() {
         processor.0.try_wait().unwrap().is_none(),
         "the processor exited instead of going on:\n{log}"
     );
+    // A rebuild run by hand now, while that processor counts what loadgen
+    // writes, must refuse: the processor would overwrite the rebuilt rows.
+    let refused = run.processor_command(&["rebuild"]).output().unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(said.contains("a processor is running"), "{said}");
     let status = loadgen.sigterm();
     assert!(status.success(), "loadgen: {status}");
     let report = run.caught_up("after the rebuild in place").await;

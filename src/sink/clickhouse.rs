@@ -193,6 +193,14 @@ impl ClickHouseSink {
         Ok(())
     }
 
+    /// The tables of the configured database.
+    pub async fn tables(&self) -> Result<Vec<String>, SinkError> {
+        let query = self
+            .client
+            .query("SELECT name FROM system.tables WHERE database = currentDatabase()");
+        within(async { Ok(query.fetch_all().await?) }).await
+    }
+
     /// Rows in table `table` of the configured database, every version.
     pub async fn count_rows(&self, table: &str) -> Result<u64, SinkError> {
         let sql = format!("SELECT count() FROM {table}");
