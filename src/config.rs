@@ -628,6 +628,24 @@ mod tests {
     }
 
     #[test]
+    fn the_source_started_over_policy_stops_unless_told_to_rebuild() {
+        let c = config(&[], None).unwrap();
+        assert_eq!(c.on_started_over, OnStartedOver::Stop);
+        assert_eq!(c.rebuild_snapshot_wait, Duration::from_secs(600));
+        let c = config(&[("ETL_ON_SOURCE_STARTED_OVER", "Rebuild")], None).unwrap();
+        assert_eq!(c.on_started_over, OnStartedOver::Rebuild);
+        let err = config(&[("ETL_ON_SOURCE_STARTED_OVER", "restart")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "setting ETL_ON_SOURCE_STARTED_OVER (from the environment): \"restart\""
+            ) && err.ends_with("expected stop or rebuild"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn environment_overrides_the_file() {
         let c = config(
             &[("ETL_FLUSH_INTERVAL_MS", "250")],
