@@ -192,9 +192,18 @@ fn reconcile(config: Config) -> anyhow::Result<ExitCode> {
 
 fn run(config: Config, rebuild_first: bool) -> anyhow::Result<ExitCode> {
     if rebuild_first {
+        let began = std::time::Instant::now();
         let rebuilt = etl::rebuild::rebuild(&config)?;
         for line in rebuilt.report(&config) {
             tracing::info!("{line}");
+        }
+        // The consumer this process had before it became a rebuild left no
+        // word; a member joining while the group still counts it can be left
+        // without partitions (the native broker), so wait out its session.
+        let expired = config.kafka.session_timeout + std::time::Duration::from_secs(1);
+        if let Some(left) = expired.checked_sub(began.elapsed()) {
+            tracing::info!(?left, "waiting for the old consumer's session to expire");
+            std::thread::sleep(left);
         }
     }
     let policy = config.on_started_over;

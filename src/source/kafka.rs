@@ -165,6 +165,12 @@ fn log_ends(
     consumer: &BaseConsumer<SourceContext>,
     tpl: &TopicPartitionList,
 ) -> anyhow::Result<BTreeMap<String, Vec<(i32, i64)>>> {
+    // An empty assignment (a member the group has nothing for yet, while
+    // a departed one still holds its partitions): nothing to ask, and
+    // librdkafka refuses an empty request.
+    if tpl.count() == 0 {
+        return Ok(BTreeMap::new());
+    }
     let mut latest = TopicPartitionList::new();
     for e in tpl.elements() {
         // ListOffsets' timestamp -1 (Offset::End) asks for the latest offset.
