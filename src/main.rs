@@ -50,8 +50,9 @@ enum Command {
     /// print each difference; exit 0 only when there is none.
     Reconcile,
     /// Count every aggregate again from the newest snapshot in the topics
-    /// into shadow tables, then swap them in at once (the processor must be
-    /// stopped; see the README, "Rebuilding the aggregates").
+    /// into shadow tables, then swap them in, each table at once (the
+    /// processor must be stopped; see the README, "Rebuilding the
+    /// aggregates").
     Rebuild,
     /// Write a realistic, seeded store workload into Postgres
     /// (ETL_POSTGRES_URL) at a target rate of new orders, until SIGTERM/SIGINT
