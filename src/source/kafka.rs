@@ -140,7 +140,7 @@ impl ConsumerContext for SourceContext {
             };
             tracing::info!(partitions = tpl.count(), %resume, "partitions assigned");
             // Each log's end, so the runtime can tell a log that started over.
-            let (by_topic, mut fatal) = match log_ends(consumer, tpl) {
+            let (by_topic, mut fatal) = match log_ends_retried(consumer, tpl) {
                 Ok(ends) => (ends, None),
                 Err(err) => (BTreeMap::new(), Some(err)),
             };
@@ -155,6 +155,27 @@ impl ConsumerContext for SourceContext {
             if let Some(err) = fatal {
                 *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
             }
+        }
+    }
+}
+
+/// How long an assignment may keep asking for its logs' ends: a broker that
+/// has just restarted can time out the first requests.
+const LOG_ENDS_BOUND: Duration = Duration::from_secs(30);
+
+/// [`log_ends`], asked again while it fails, up to [`LOG_ENDS_BOUND`].
+fn log_ends_retried(
+    consumer: &BaseConsumer<SourceContext>,
+    tpl: &TopicPartitionList,
+) -> anyhow::Result<BTreeMap<String, Vec<(i32, i64)>>> {
+    let started = Instant::now();
+    loop {
+        match log_ends(consumer, tpl) {
+            Err(e) if started.elapsed() < LOG_ENDS_BOUND => {
+                tracing::warn!(error = %format!("{e:#}"), "reading the assigned partitions' ends: trying again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            done => return done,
         }
     }
 }
