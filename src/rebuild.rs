@@ -118,7 +118,8 @@ pub fn rebuild(config: &Config) -> anyhow::Result<Rebuilt> {
         .context("connecting to ClickHouse (setting ETL_CLICKHOUSE_URL)")?;
     let mut reader = Reader::new(config)?;
     let partitions = reader.partitions();
-    let stored_before = runtime.block_on(stored_ends(&sink, &partitions))?;
+    let live = &config.clickhouse.database;
+    let stored_before = runtime.block_on(stored_ends(&sink, live, &partitions))?;
     reader.read_to_ends()?;
     while let Some(newest) = unfinished(&reader.all) {
         if started.elapsed() > config.rebuild_snapshot_wait {
@@ -161,7 +162,7 @@ pub fn rebuild(config: &Config) -> anyhow::Result<Rebuilt> {
         ];
         // A processor running meanwhile would write its old state into the
         // rebuilt tables at its next flush: refuse while one is seen writing.
-        if stored_ends(&sink, &partitions).await? != stored_before {
+        if stored_ends(&sink, live, &partitions).await? != stored_before {
             bail!(
                 "rebuilding: the live tables of database {} changed while the rebuild read: a \
                  processor is running. Stop it, then run the rebuild again (the live tables are \
@@ -379,17 +380,10 @@ fn spans(consumer: &BaseConsumer, prefix: &str) -> anyhow::Result<Vec<Span>> {
 /// snapshot's rows, in any partition, says it finished.
 fn unfinished(all: &AllAggregates) -> Option<SnapshotId> {
     let newest = all.newest_snapshot();
-    let marks = [
-        marks(&all.orders_by_minute),
-        marks(&all.product_sales),
-        marks(&all.customers_by_minute),
-        marks(&all.products),
-    ];
     let finished = newest == SnapshotId::default()
-        || marks
+        || marks(all)
             .iter()
-            .flatten()
-            .any(|(_, mark)| mark.snapshot == newest && mark.position != Position::default());
+            .any(|(_, _, mark)| mark.snapshot == newest && mark.position != Position::default());
     (!finished).then_some(newest)
 }
 
@@ -399,20 +393,12 @@ fn unfinished(all: &AllAggregates) -> Option<SnapshotId> {
 fn check(all: &AllAggregates, spans: &[Span]) -> anyhow::Result<SnapshotId> {
     all.rebuilt()
         .context("rebuilding: a partition cannot be counted from the newest snapshot")?;
-    let marks = [
-        (Table::Orders, marks(&all.orders_by_minute)),
-        (Table::OrderItems, marks(&all.product_sales)),
-        (Table::Customers, marks(&all.customers_by_minute)),
-        (Table::Products, marks(&all.products)),
-    ];
-    let newest = all.newest_snapshot();
+    let marks = marks(all);
     for span in spans.iter().filter(|s| s.start > 0 && s.end > s.start) {
         let mark = marks
             .iter()
-            .filter(|(t, _)| *t == span.table)
-            .flat_map(|(_, m)| m.iter())
-            .find(|(p, _)| *p == span.partition)
-            .map(|(_, mark)| mark);
+            .find(|(t, p, _)| *t == span.table && *p == span.partition)
+            .map(|(_, _, mark)| mark);
         let whole = mark.is_some_and(|m| m.snapshot_offset > span.start);
         if !whole {
             bail!(
@@ -425,14 +411,23 @@ fn check(all: &AllAggregates, spans: &[Span]) -> anyhow::Result<SnapshotId> {
             );
         }
     }
-    Ok(newest)
+    Ok(all.newest_snapshot())
 }
 
-/// The mark of every partition an aggregate holds rows or events of.
-fn marks<A: Aggregate>(state: &AggregateState<A>) -> Vec<(i32, SourceMark)> {
-    state
-        .watermarks()
-        .map(|(partition, _)| (partition, state.mark(partition)))
+/// The mark of every partition of every source table the aggregates hold
+/// rows or events of.
+fn marks(all: &AllAggregates) -> Vec<(Table, i32, SourceMark)> {
+    fn of<A: Aggregate>(
+        state: &AggregateState<A>,
+    ) -> impl Iterator<Item = (Table, i32, SourceMark)> + '_ {
+        state
+            .watermarks()
+            .map(|(partition, _)| (A::SOURCE, partition, state.mark(partition)))
+    }
+    of(&all.orders_by_minute)
+        .chain(of(&all.product_sales))
+        .chain(of(&all.customers_by_minute))
+        .chain(of(&all.products))
         .collect()
 }
 
@@ -441,9 +436,10 @@ fn marks<A: Aggregate>(state: &AggregateState<A>) -> Vec<(i32, SourceMark)> {
 /// moves them.
 async fn stored_ends(
     sink: &ClickHouseSink,
+    database: &str,
     partitions: &[i32],
 ) -> anyhow::Result<Vec<Vec<(i32, i64)>>> {
-    let present = sink.tables().await?;
+    let present = sink.tables(database).await?;
     Ok(vec![
         stored_end::<OrdersByMinute>(sink, &present, partitions).await?,
         stored_end::<ProductSales>(sink, &present, partitions).await?,

@@ -756,14 +756,21 @@ proptest! {
     }
 }
 
-/// The negative control of the property above: the same log counted by the
-/// pipeline's state, not a rebuild's, stops at the new snapshot.
-#[test]
-fn only_a_rebuild_counts_past_a_new_snapshot() {
+/// Two orders inserted and streamed (ids 1 and 2, partitions 1 and 2), then
+/// a new snapshot of both: the log of a slot recreated after streaming.
+fn two_streamed_orders_then_a_snapshot() -> (Vec<Event>, Source) {
     let mut source = Source::new();
     let mut deliveries = source.run(&[(false, insert(0, 1, 100)), (false, insert(1, 1, 200))]);
     deliveries.extend(source.snapshot());
     let events = at_offsets(&deliveries, &[0; PARTITIONS as usize]);
+    (events, source)
+}
+
+/// The negative control of the property above: the same log counted by the
+/// pipeline's state, not a rebuild's, stops at the new snapshot.
+#[test]
+fn only_a_rebuild_counts_past_a_new_snapshot() {
+    let (events, source) = two_streamed_orders_then_a_snapshot();
     let mut rebuilt = AggregateState::<OrdersByMinute>::rebuilding();
     apply_all(&mut rebuilt, &events);
     rebuilt.rebuilt(0).unwrap();
@@ -804,10 +811,7 @@ fn a_rebuild_refuses_a_partition_the_newest_snapshot_missed() {
 /// the two may be lost or come again.
 #[test]
 fn a_new_snapshot_after_streaming_is_an_error() {
-    let mut source = Source::new();
-    let mut deliveries = source.run(&[(false, insert(0, 1, 100)), (false, insert(1, 1, 200))]);
-    deliveries.extend(source.snapshot());
-    let events = at_offsets(&deliveries, &[0; PARTITIONS as usize]);
+    let (events, _) = two_streamed_orders_then_a_snapshot();
     let mut state = AggregateState::<OrdersByMinute>::default();
     let errors: Vec<String> = events
         .iter()

@@ -164,12 +164,7 @@ impl ClickHouseSink {
     /// close such a cycle; a query joining two tables during the swap may
     /// see one rebuilt and the other not yet, for the milliseconds between.
     pub async fn swap_in(&self, live: &str, shadow: &str, replaced: &str) -> Result<(), SinkError> {
-        let present: Vec<String> = self
-            .client
-            .query("SELECT name FROM system.tables WHERE database = ?")
-            .bind(live)
-            .fetch_all()
-            .await?;
+        let present = self.tables(live).await?;
         for statement in [
             format!("CREATE DATABASE IF NOT EXISTS {live}"),
             format!("DROP DATABASE IF EXISTS {replaced}"),
@@ -193,11 +188,12 @@ impl ClickHouseSink {
         Ok(())
     }
 
-    /// The tables of the configured database.
-    pub async fn tables(&self) -> Result<Vec<String>, SinkError> {
+    /// The tables of database `db`.
+    pub async fn tables(&self, db: &str) -> Result<Vec<String>, SinkError> {
         let query = self
             .client
-            .query("SELECT name FROM system.tables WHERE database = currentDatabase()");
+            .query("SELECT name FROM system.tables WHERE database = ?")
+            .bind(db);
         within(async { Ok(query.fetch_all().await?) }).await
     }
 
