@@ -877,7 +877,17 @@ async fn with_rebuild_on_a_new_snapshot_the_processor_rebuilds_and_goes_on() {
         engine,
         mut processor,
         mut loadgen,
-    } = new_snapshot_under_load("auto_rebuild", &[("ETL_ON_SOURCE_STARTED_OVER", "rebuild")]).await;
+    } = new_snapshot_under_load(
+        "auto_rebuild",
+        &[
+            ("ETL_ON_SOURCE_STARTED_OVER", "rebuild"),
+            // Flushes every 100 ms, so that the processor surely writes
+            // while the rebuild by hand below reads (a second on a small
+            // store): that is what the rebuild sees of a running processor.
+            ("ETL_FLUSH_INTERVAL_MS", "100"),
+        ],
+    )
+    .await;
     let swapped = eventually(
         "the processor to rebuild in place",
         Duration::from_secs(180),
