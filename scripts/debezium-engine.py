@@ -90,6 +90,10 @@ def resolve_env_placeholders(props):
             sys.exit(f"{key} is {value}: set {var} or pass the matching --pg-* option")
 
 
+def offsets_file(args, state_dir: Path) -> Path:
+    return Path(args.offsets_file or state_dir / "offsets.dat").resolve()
+
+
 def engine_properties(args, state_dir: Path):
     """Connector JSON "config" + embedded-engine settings + overrides."""
     with open(args.connector) as f:
@@ -108,7 +112,7 @@ def engine_properties(args, state_dir: Path):
     # must be deleted whenever the database (and so the slot) is recreated:
     # stale offsets make the connector fail quietly.
     props["offset.storage"] = "org.apache.kafka.connect.storage.FileOffsetBackingStore"
-    props["offset.storage.file.filename"] = str(Path(args.offsets_file or state_dir / "offsets.dat").resolve())
+    props["offset.storage.file.filename"] = str(offsets_file(args, state_dir))
     props["offset.flush.interval.ms"] = "1000"
 
     if args.decimal_handling_mode:
@@ -143,6 +147,72 @@ def write_log4j_config(state_dir: Path) -> Path:
         "appender.console.layout.pattern=%d{ISO8601} %-5level [%t] %c{1} - %m%n\n"
     )
     return path
+
+
+class OffsetsKeeper:
+    """Kafka's FileOffsetBackingStore rewrites its file in place (truncate, then write), and reading it back
+    takes a file cut short for no offsets at all. An engine killed while saving would then start with a new
+    snapshot after it had streamed, which the processor must stop on. So the keeper keeps a copy of the last
+    complete file, and puts it back before the engine starts: older offsets only make the connector send
+    again what came after them, which the processor skips. A cut file without a copy stops start-up."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.copy = path.with_name(path.name + ".complete")
+        self.kept = None
+
+    @staticmethod
+    def complete(data: bytes) -> bool:
+        """Whether `data` is a whole Java object stream, as the store reads it (the JVM runs by now)."""
+        import jpype
+        try:
+            stream = jpype.JClass("java.io.ObjectInputStream")(
+                jpype.JClass("java.io.ByteArrayInputStream")(jpype.JArray(jpype.JByte)(data)))
+            stream.readObject()
+            return True
+        except Exception:  # noqa: BLE001 - EOFException and kin: cut short
+            return False
+
+    def _keep(self, data: bytes):
+        if data == self.kept:
+            return
+        tmp = self.copy.with_name(self.copy.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.copy)
+        self.kept = data
+
+    def before_start(self):
+        if not self.path.exists():
+            # No offsets (a first start, or deleted to take a new snapshot on purpose): an older copy must
+            # not come back later.
+            self.copy.unlink(missing_ok=True)
+            return
+        data = self.path.read_bytes()
+        if self.complete(data):
+            self._keep(data)
+            return
+        if not self.copy.exists():
+            sys.exit(f"{self.path} is cut short ({len(data)} bytes; the engine stopped while saving it) and no "
+                     f"complete copy exists: the connector would silently take a new snapshot. Delete the file "
+                     f"to take one on purpose (README, \"Rebuilding the aggregates\").")
+        log.warning("%s was cut short (%d bytes; the engine stopped while saving it): putting back the last "
+                    "complete copy; the connector sends again what came after it", self.path, len(data))
+        restored = self.copy.read_bytes()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes(restored)
+        os.replace(tmp, self.path)
+        self.kept = restored
+
+    def run(self, stop: threading.Event):
+        """Copies each complete version of the file, until `stop`; a version read while the store writes
+        it is cut short and left for the next round."""
+        while not stop.wait(0.5):
+            try:
+                data = self.path.read_bytes()
+            except FileNotFoundError:
+                continue
+            if self.complete(data):
+                self._keep(data)
 
 
 class KafkaSink:
@@ -260,7 +330,10 @@ def main():
         "-Xrs", f"-Dlog4j2.configurationFile={write_log4j_config(state_dir)}",
         os.environ.get("PYDBZ_JVM_OPTS", ""),
     ]).strip()
-    from pydbzengine import BasePythonChangeHandler, DebeziumJsonEngine
+    from pydbzengine import BasePythonChangeHandler, DebeziumJsonEngine  # starts the JVM
+
+    offsets = OffsetsKeeper(offsets_file(args, state_dir))
+    offsets.before_start()
 
     counts = {"records": 0, "batches": 0, "first": None}
 
@@ -303,8 +376,10 @@ def main():
 
     code = 0
     worker = threading.Thread(target=run, name="debezium-engine", daemon=True)
+    keeper = threading.Thread(target=offsets.run, args=(stop,), name="offsets-keeper", daemon=True)
     try:
         worker.start()
+        keeper.start()
         # The main thread stays in Python (not inside the JVM) so signals are handled.
         while not stop.wait(0.5):
             pass

@@ -200,6 +200,45 @@ impl Run {
         .await;
     }
 
+    /// The last warnings and errors of every processor of this run, so that
+    /// a failure far from this machine says what the processors saw.
+    pub fn trouble_in_logs(&self) -> String {
+        let mut lines = Vec::new();
+        for n in 1..=self.started {
+            let log = self.log(n);
+            let trouble: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            lines.push(format!("processor {n}: {} lines", log.lines().count()));
+            let from = trouble.len().saturating_sub(15);
+            lines.extend(trouble[from..].iter().map(|l| format!("  {l}")));
+        }
+        // A test's own Debezium engine: when it started, and each snapshot.
+        let engine =
+            std::fs::read_to_string(self.logs.join("engine/engine.log")).unwrap_or_default();
+        let said: Vec<&str> = engine
+            .lines()
+            .filter(|l| {
+                [
+                    "ERROR",
+                    "cut short",
+                    "connector ",
+                    "Snapshot step 1",
+                    "Snapshot ended",
+                ]
+                .iter()
+                .any(|word| l.contains(word))
+            })
+            .collect();
+        if !said.is_empty() {
+            lines.push("the engine:".to_owned());
+            let from = said.len().saturating_sub(40);
+            lines.extend(said[from..].iter().map(|l| format!("  {l}")));
+        }
+        lines.join("\n")
+    }
+
     /// Every processor log of this run, concatenated.
     pub fn all_logs(&self) -> String {
         (1..=self.started).map(|n| self.log(n)).collect()
@@ -279,10 +318,12 @@ impl Run {
                     .map(|d| d.to_string())
                     .collect();
                 panic!(
-                    "{}: {phase}: {} differences after {CATCH_UP:?}, e.g.\n{}",
+                    "{}: {phase}: {} differences after {CATCH_UP:?}, e.g.\n{}\n\
+                     the processors' warnings and errors:\n{}",
                     self.name,
                     report.differences.len(),
-                    shown.join("\n")
+                    shown.join("\n"),
+                    self.trouble_in_logs()
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
