@@ -4,23 +4,61 @@
 
 use std::fmt::Display;
 use std::future::Future;
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use crate::actors::{Pipeline, Supervision, Wiring};
+use crate::actors::{Fatal, Pipeline, Supervision, Wiring};
 use crate::config::Config;
 use crate::sink::{ClickHouseSink, DeadLetters};
-use crate::source::KafkaSource;
+use crate::source::{KafkaSource, LogStartedOver};
 
-/// Exit code when supervision gives up: an actor failed more often than its
-/// restart policy allows (or the source thread panicked). The process must
-/// not go on with an actor missing; the orchestrator restarts it clean.
-pub const EXIT_ESCALATED: i32 = 70;
-/// Exit code when a shutdown did not flush and commit within its bound.
-pub const EXIT_SHUTDOWN_TIMEOUT: i32 = 4;
+/// How a run ended. The binary maps each to its exit code (the README,
+/// "Exit codes"), after the summary and the traces are out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stopped when asked, having flushed and committed.
+    Stopped,
+    /// Supervision gave up: an actor failed more often than its restart
+    /// policy allows, or the source thread panicked. The process must not
+    /// go on with an actor missing; the orchestrator restarts it clean.
+    Escalated(String),
+    /// The shutdown did not flush and commit within its bound; the next
+    /// start replays what it did not commit.
+    ShutdownTimedOut,
+    /// An aggregate holds a value its table cannot store.
+    Unstorable(String),
+    /// The source started over, or an event cannot be placed in its
+    /// partition's history: a restart cannot help, a rebuild can.
+    SourceStartedOver(String),
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::Stopped => 0,
+            Outcome::Unstorable(_) => 3,
+            Outcome::ShutdownTimedOut => 4,
+            Outcome::SourceStartedOver(_) => 5,
+            Outcome::Escalated(_) => 70,
+        }
+    }
+}
+
+impl From<Fatal> for Outcome {
+    fn from(fatal: Fatal) -> Outcome {
+        match fatal {
+            Fatal::Escalated(e) => {
+                Outcome::Escalated(format!("{} {}: {}", e.kind.as_str(), e.name, e.reason))
+            }
+            Fatal::Unstorable { aggregate, error } => {
+                Outcome::Unstorable(format!("{aggregate}: {error}"))
+            }
+            Fatal::Unplaceable(e) => Outcome::SourceStartedOver(e.to_string()),
+        }
+    }
+}
 
 /// How long the start-up check of the source tables' replica identity may
 /// wait for Postgres (when `ETL_POSTGRES_URL` is set).
@@ -33,12 +71,15 @@ fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Runs the processor until `stop` resolves (what it resolves to is logged
-/// as the reason), then flushes, commits and returns; or until the source
-/// ends with an error. Exits the process itself when supervision gives up
-/// ([`EXIT_ESCALATED`]) or the shutdown takes longer than its bound
-/// ([`EXIT_SHUTDOWN_TIMEOUT`]). Starts its own actix system on the calling
-/// thread.
-pub fn run<S: Display>(config: Config, stop: impl Future<Output = S>) -> anyhow::Result<ExitCode> {
+/// as the reason), then flushes, commits and returns [`Outcome::Stopped`];
+/// or until something ends it early, which the outcome says. An error is
+/// a failure to start, or of the source. Starts its own actix system on
+/// the calling thread.
+///
+/// After an early outcome nothing is flushed or committed any more, but
+/// the source thread is left to the process's exit: a caller that goes on
+/// must not start another run in the same consumer group meanwhile.
+pub fn run<S: Display>(config: Config, stop: impl Future<Output = S>) -> anyhow::Result<Outcome> {
     if config.faults.any() {
         tracing::warn!(faults = ?config.faults, "FAULT INJECTION IS ON (ETL_FAULT_*): for tests only");
     }
@@ -70,11 +111,11 @@ pub fn run<S: Display>(config: Config, stop: impl Future<Output = S>) -> anyhow:
             .context("creating the dead-letter producer (setting ETL_KAFKA_BROKERS)")?;
         let (commits, commits_rx) = std::sync::mpsc::channel();
         let (rewinds, rewinds_rx) = std::sync::mpsc::channel();
-        let (escalations, mut escalated) = tokio::sync::mpsc::unbounded_channel();
+        let (fatal, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel();
         let wiring = Wiring {
             sink,
             dead_letters,
-            supervision: Supervision::new(escalations),
+            supervision: Supervision::new(fatal),
             commits,
             rewinds,
         };
@@ -90,34 +131,44 @@ pub fn run<S: Display>(config: Config, stop: impl Future<Output = S>) -> anyhow:
         })?;
 
         tokio::pin!(done_rx);
-        let source_died = || {
-            tracing::error!("the Kafka source thread panicked; exiting");
-            std::process::exit(EXIT_ESCALATED)
-        };
-        let result = tokio::select! {
+        let source_died = || Outcome::Escalated("the Kafka source thread panicked".to_owned());
+        let outcome = tokio::select! {
             signal = stop => {
                 tracing::info!(%signal, bound = ?config.shutdown_timeout, "shutting down: flushing and committing");
                 crate::telemetry::stopping();
                 stop_flag.store(true, Ordering::Relaxed);
                 match tokio::time::timeout(config.shutdown_timeout, &mut done_rx).await {
-                    Ok(done) => done.unwrap_or_else(|_| source_died()),
+                    Ok(Ok(done)) => source_ended(done),
+                    Ok(Err(_)) => Ok(source_died()),
                     Err(_) => {
-                        tracing::error!(bound = ?config.shutdown_timeout, "shutdown did not finish in time (setting ETL_SHUTDOWN_TIMEOUT_MS); exiting without the last flush: the next start replays it");
-                        std::process::exit(EXIT_SHUTDOWN_TIMEOUT);
+                        tracing::error!(bound = ?config.shutdown_timeout, "shutdown did not finish in time (setting ETL_SHUTDOWN_TIMEOUT_MS); stopping without the last flush: the next start replays it");
+                        Ok(Outcome::ShutdownTimedOut)
                     }
                 }
             }
-            Some(e) = escalated.recv() => {
-                crate::telemetry::log_summary();
-                tracing::error!(kind = e.kind.as_str(), actor = %e.name, "supervision gave up: {}; exiting so the process is restarted", e.reason);
-                std::process::exit(EXIT_ESCALATED);
-            }
-            result = &mut done_rx => result.unwrap_or_else(|_| source_died()),
+            Some(fatal) = fatal_rx.recv() => Ok(Outcome::from(fatal)),
+            done = &mut done_rx => done.map_or_else(|_| Ok(source_died()), source_ended),
         };
         crate::telemetry::log_summary();
+        match &outcome {
+            Ok(Outcome::Stopped) | Err(_) => {}
+            Ok(early) => tracing::error!(code = early.exit_code(), "the run ends: {early:?}"),
+        }
         actix::System::current().stop();
-        result.map(|()| ExitCode::SUCCESS)
+        outcome
     })
+}
+
+/// The source thread's end: a log that started over is an outcome of its
+/// own, any other error a failure.
+fn source_ended(done: anyhow::Result<()>) -> anyhow::Result<Outcome> {
+    match done {
+        Ok(()) => Ok(Outcome::Stopped),
+        Err(e) if e.chain().any(|cause| cause.is::<LogStartedOver>()) => {
+            Ok(Outcome::SourceStartedOver(format!("{e:#}")))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Resolves at the first SIGTERM or SIGINT, naming it.

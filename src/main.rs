@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use etl::app::Outcome;
 use etl::config::{Config, OnStartedOver};
 use etl::sink::ClickHouseSink;
-use etl::source::{continuity, LogStartedOver};
 
 /// jemalloc, not the system allocator: it gives freed pages back to the OS,
 /// where glibc's arenas keep what grown hash tables and batches left behind
@@ -117,7 +117,16 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Run {
         rebuild_first: false,
     }) {
-        Command::Run { rebuild_first } => run(config, rebuild_first),
+        Command::Run { rebuild_first } => {
+            let policy = config.on_started_over;
+            match run(config, rebuild_first) {
+                Ok(Outcome::SourceStartedOver(_)) if policy == OnStartedOver::Rebuild => {
+                    traces.shutdown();
+                    return become_a_rebuild();
+                }
+                done => done.map(|outcome| ExitCode::from(outcome.exit_code())),
+            }
+        }
         Command::Replay { file } => etl::replay::command(&file, &config.kafka.topic_prefix),
         Command::Reconcile => reconcile(config),
         Command::Rebuild => etl::rebuild::command(&config),
@@ -134,12 +143,7 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("etl-processor: {e:#}");
-            // A log that started over needs a rebuild, not a restart: its own code.
-            if e.chain().any(|cause| cause.is::<LogStartedOver>()) {
-                ExitCode::from(continuity::EXIT_LOG_STARTED_OVER)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::FAILURE
         }
     };
     traces.shutdown();
@@ -191,7 +195,7 @@ fn reconcile(config: Config) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn run(config: Config, rebuild_first: bool) -> anyhow::Result<ExitCode> {
+fn run(config: Config, rebuild_first: bool) -> anyhow::Result<Outcome> {
     if rebuild_first {
         let began = std::time::Instant::now();
         let rebuilt = etl::rebuild::rebuild(&config)?;
@@ -207,16 +211,23 @@ fn run(config: Config, rebuild_first: bool) -> anyhow::Result<ExitCode> {
             std::thread::sleep(left);
         }
     }
-    let policy = config.on_started_over;
-    match etl::app::run(config, etl::app::shutdown_signal()) {
-        // Stopping is main's usual error path below, which maps it to exit 5.
-        Err(e)
-            if policy == OnStartedOver::Rebuild
-                && e.chain().any(|cause| cause.is::<LogStartedOver>()) =>
-        {
-            tracing::error!("{e:#}");
-            etl::rebuild::source_started_over(policy)
-        }
-        done => done,
-    }
+    etl::app::run(config, etl::app::shutdown_signal())
+}
+
+/// The source started over and ETL_ON_SOURCE_STARTED_OVER=rebuild: the
+/// process becomes `etl-processor run --rebuild-first` in place. exec keeps
+/// its id, so its orchestrator sees it go on, and nothing of the old
+/// pipeline (its consumer included) flushes or commits again.
+fn become_a_rebuild() -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    tracing::warn!("the source started over: rebuilding the aggregates from its newest snapshot, then counting on (ETL_ON_SOURCE_STARTED_OVER=rebuild)");
+    let error = match std::env::current_exe() {
+        Ok(exe) => std::process::Command::new(exe)
+            .args(["run", "--rebuild-first"])
+            .exec(),
+        Err(e) => e,
+    };
+    tracing::error!(%error, "cannot start the rebuild");
+    eprintln!("etl-processor: cannot start the rebuild: {error}");
+    ExitCode::from(Outcome::SourceStartedOver(String::new()).exit_code())
 }

@@ -22,7 +22,7 @@ use crate::aggregate::{
     SourceMark,
 };
 use crate::cdc::{Position, SnapshotId, Table};
-use crate::config::{Config, OnStartedOver};
+use crate::config::Config;
 use crate::replay::{AllAggregates, ReplaySummary};
 use crate::sink::{ClickHouseSink, SinkTable};
 use crate::source::kafka::consumer_config;
@@ -507,27 +507,6 @@ fn commit_ends(config: &Config, spans: &[Span]) -> anyhow::Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
-}
-
-/// The processor found its source started over (the cases of exit code 5).
-/// With `ETL_ON_SOURCE_STARTED_OVER=rebuild` the process becomes
-/// `etl-processor run --rebuild-first` in place: exec keeps its id, so its
-/// orchestrator sees it go on, and, as after an exit, nothing of the old
-/// pipeline flushes or commits again. Otherwise it exits with code 5.
-pub fn source_started_over(policy: OnStartedOver) -> ! {
-    crate::telemetry::log_summary();
-    if policy == OnStartedOver::Rebuild {
-        use std::os::unix::process::CommandExt;
-        tracing::warn!("the source started over: rebuilding the aggregates from its newest snapshot, then counting on (ETL_ON_SOURCE_STARTED_OVER=rebuild)");
-        let error = match std::env::current_exe() {
-            Ok(exe) => std::process::Command::new(exe)
-                .args(["run", "--rebuild-first"])
-                .exec(),
-            Err(e) => e,
-        };
-        tracing::error!(%error, "cannot start the rebuild; exiting");
-    }
-    std::process::exit(i32::from(crate::source::continuity::EXIT_LOG_STARTED_OVER))
 }
 
 #[cfg(test)]

@@ -10,10 +10,10 @@ use actix::prelude::*;
 
 use super::faults::PanicInjector;
 use super::sink::{SinkActor, Write};
-use super::supervisor::Supervised;
+use super::supervisor::{Fatal, Supervised, Supervision};
 use crate::aggregate::AggregateState;
 use crate::cdc::{Origin, TableChange};
-use crate::config::{FaultConfig, FlushConfig, OnStartedOver};
+use crate::config::{FaultConfig, FlushConfig};
 use crate::restart::ActorKind;
 use crate::sink::{ClickHouseSink, SinkTable};
 use crate::source::CommitRequest;
@@ -31,7 +31,7 @@ pub struct Lease(u64);
 /// and its origin in the source. `last_offset` is the offset of the batch's
 /// last record, change or not.
 #[derive(Message)]
-#[rtype(result = "Result<(), StaleLease>")]
+#[rtype(result = "Result<(), Refused>")]
 pub struct ApplyChanges {
     pub partition: i32,
     pub lease: Lease,
@@ -44,10 +44,15 @@ pub struct ApplyChanges {
     pub span: tracing::Span,
 }
 
-/// A batch under a lease that is no longer current: dropped; the partition
-/// is being (or has been) rewound to its last commit.
+/// Why a batch was dropped unapplied.
 #[derive(Debug)]
-pub struct StaleLease;
+pub enum Refused {
+    /// Its lease is no longer current: the partition is being (or has
+    /// been) rewound to its last commit.
+    StaleLease,
+    /// The aggregator met a fatal error and the run is ending.
+    Halted,
+}
 
 /// (Re)load partitions' rows before their first batch, dropping whatever
 /// this instance held of them; answers, in the order asked, with the lease
@@ -83,7 +88,10 @@ pub struct AggregatorActor<A: SinkTable> {
     writer: Supervised<SinkActor<A>>,
     flush: FlushConfig,
     commits: Sender<CommitRequest>,
-    on_started_over: OnStartedOver,
+    supervision: Supervision,
+    /// A fatal error was reported: nothing more is applied, flushed or
+    /// committed, since the run is ending.
+    halted: bool,
     /// Keys updated since the last flush: an upper bound of the dirty rows.
     updated_since_flush: usize,
     /// Per partition, the last offset whose commit was requested.
@@ -124,7 +132,7 @@ impl<A: SinkTable> AggregatorActor<A> {
         writer: Supervised<SinkActor<A>>,
         flush: FlushConfig,
         commits: Sender<CommitRequest>,
-        on_started_over: OnStartedOver,
+        supervision: Supervision,
         faults: &Arc<FaultConfig>,
     ) -> Self {
         let mut state = AggregateState::default();
@@ -141,7 +149,8 @@ impl<A: SinkTable> AggregatorActor<A> {
             writer,
             flush,
             commits,
-            on_started_over,
+            supervision,
+            halted: false,
             updated_since_flush: 0,
             committed: HashMap::new(),
             leases: HashMap::new(),
@@ -159,6 +168,9 @@ impl<A: SinkTable> AggregatorActor<A> {
     /// slow or unreachable ClickHouse holds this aggregator, and through it
     /// the partitions feeding it, instead of letting dirty rows pile up.
     fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.halted {
+            return;
+        }
         if self.in_flight.is_some() {
             ctx.wait(Settled.map(|(), act: &mut Self, ctx| act.start_flush(ctx)));
         } else {
@@ -228,7 +240,7 @@ impl<A: SinkTable> AggregatorActor<A> {
                     });
                 }
             }
-            Err(WriteFailed::Unstorable(e)) => unstorable(A::NAME, &e),
+            Err(WriteFailed::Unstorable(e)) => self.unstorable(&e),
             Err(WriteFailed::SinkGone) => {
                 self.updated_since_flush += rows.len();
                 tracing::warn!(
@@ -265,6 +277,24 @@ impl<A: SinkTable> AggregatorActor<A> {
                 Err(_) => Err(WriteFailed::SinkGone),
             }
         }
+    }
+
+    /// Stops this aggregator for good and ends the run: an event that
+    /// cannot be placed would be wrong to count either way, and an
+    /// aggregate that cannot be written would stall for good.
+    fn halt(&mut self, fatal: Fatal) {
+        self.halted = true;
+        self.supervision.report(fatal);
+    }
+
+    /// Nothing past the last good flush was committed, so a restart (after
+    /// fixing the data or the schema) loses nothing.
+    fn unstorable(&mut self, error: &crate::sink::SinkError) {
+        tracing::error!(aggregate = A::NAME, %error, "a value cannot be stored in ClickHouse; stopping");
+        self.halt(Fatal::Unstorable {
+            aggregate: A::NAME,
+            error: error.to_string(),
+        });
     }
 
     fn forget(&mut self, partitions: &[i32]) {
@@ -310,25 +340,6 @@ impl<A: SinkTable> ActorFuture<AggregatorActor<A>> for Settled {
     }
 }
 
-/// An event that cannot be placed in its partition's history: counting on
-/// could be wrong either way, and a restart would meet it again, so stop
-/// as a source that started over does (exit code 5, or a rebuild).
-fn unplaceable(error: &crate::aggregate::Unplaceable, policy: OnStartedOver) -> ! {
-    tracing::error!(%error, "an event cannot be placed in its partition's history (README, \"The source started over\")");
-    crate::rebuild::source_started_over(policy)
-}
-
-/// Exit code when an aggregate holds a value its table cannot store.
-pub const EXIT_UNSTORABLE: i32 = 3;
-
-/// An aggregate that cannot be written would stall for good, its offsets
-/// never committed: stop loudly instead. Nothing past the last good flush was
-/// committed, so a restart (after fixing the data or the schema) loses nothing.
-fn unstorable(aggregate: &str, error: &crate::sink::SinkError) -> ! {
-    tracing::error!(aggregate, %error, "a value cannot be stored in ClickHouse; exiting");
-    std::process::exit(EXIT_UNSTORABLE)
-}
-
 impl<A: SinkTable> Actor for AggregatorActor<A> {
     type Context = Context<Self>;
 
@@ -338,19 +349,26 @@ impl<A: SinkTable> Actor for AggregatorActor<A> {
 }
 
 impl<A: SinkTable> Handler<ApplyChanges> for AggregatorActor<A> {
-    type Result = Result<(), StaleLease>;
+    type Result = Result<(), Refused>;
 
     fn handle(&mut self, batch: ApplyChanges, ctx: &mut Self::Context) -> Self::Result {
         drop(batch.queued);
+        if self.halted {
+            return Err(Refused::Halted);
+        }
         if self.leases.get(&batch.partition) != Some(&batch.lease) {
-            return Err(StaleLease);
+            return Err(Refused::StaleLease);
         }
         self.panics.maybe_panic(A::NAME);
         let _span = tracing::info_span!(parent: &batch.span, "aggregate", aggregate = A::NAME, changes = batch.changes.len()).entered();
         for (offset, origin, change) in &batch.changes {
             let applied = match self.state.apply(batch.partition, *offset, *origin, change) {
                 Ok(applied) => applied,
-                Err(e) => unplaceable(&e, self.on_started_over),
+                Err(e) => {
+                    tracing::error!(error = %e, "an event cannot be placed in its partition's history (README, \"The source started over\")");
+                    self.halt(Fatal::Unplaceable(e));
+                    return Err(Refused::Halted);
+                }
             };
             self.updated_since_flush += applied.keys_updated as usize;
             if applied.keys_skipped > 0 {
@@ -456,7 +474,7 @@ impl<A: SinkTable> Handler<Release> for AggregatorActor<A> {
         AtomicResponse::new(Box::pin(
             Settled
                 .then(move |(), act: &mut Self, _| {
-                    let rows = Arc::new(if lost {
+                    let rows = Arc::new(if lost || act.halted {
                         Vec::new()
                     } else {
                         act.state.dirty_rows()
@@ -474,12 +492,15 @@ impl<A: SinkTable> Handler<Release> for AggregatorActor<A> {
                 })
                 .map(move |(rows, result), act, _| {
                     let next = match result {
-                        Ok(_) if !lost => {
+                        Ok(_) if !lost && !act.halted => {
                             act.state.mark_flushed(&rows);
                             act.state.watermark(partition).map(|o| o + 1)
                         }
                         Ok(_) => None,
-                        Err(WriteFailed::Unstorable(e)) => unstorable(A::NAME, &e),
+                        Err(WriteFailed::Unstorable(e)) => {
+                            act.unstorable(&e);
+                            None
+                        }
                         Err(WriteFailed::SinkGone) => {
                             tracing::warn!(
                                 aggregate = A::NAME,

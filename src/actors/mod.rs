@@ -22,8 +22,8 @@ mod pipeline;
 mod sink;
 pub mod supervisor;
 
-pub use aggregator::{Acquire, AggregatorActor, ApplyChanges, Lease, Release, EXIT_UNSTORABLE};
+pub use aggregator::{Acquire, AggregatorActor, ApplyChanges, Lease, Release};
 pub use partition::PartitionActor;
 pub use pipeline::{Pipeline, Wiring};
 pub use sink::SinkActor;
-pub use supervisor::{Escalation, Supervision};
+pub use supervisor::{Escalation, Fatal, Supervision};

@@ -211,7 +211,7 @@ impl Starter<'_> {
         );
         let (sink, faults) = (self.wiring.sink.clone(), self.faults.clone());
         let (flush, commits) = (self.config.flush.clone(), self.wiring.commits.clone());
-        let on_started_over = self.config.on_started_over;
+        let supervision = self.wiring.supervision.clone();
         let (rewinds, rewind_topic) = (self.wiring.rewinds.clone(), topic.clone());
         let aggregator: Supervised<AggregatorActor<A>> = self.wiring.supervision.start(
             self.arbiter,
@@ -225,7 +225,7 @@ impl Starter<'_> {
                     writer.clone(),
                     flush.clone(),
                     commits.clone(),
-                    on_started_over,
+                    supervision.clone(),
                     &faults,
                 )
             },

@@ -6,7 +6,7 @@
 //! supervising task sees how it ended, asks the actor kind's
 //! [`RestartPolicy`](crate::restart::RestartPolicy) what to do, and starts a
 //! fresh instance (built anew by the factory) behind the same [`Supervised`]
-//! handle. Past the policy's limit it escalates to the process, which exits.
+//! handle. Past the policy's limit it escalates: the run ends ([`Fatal`]).
 
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +16,7 @@ use std::time::Instant;
 use actix::dev::{channel, ToEnvelope};
 use actix::prelude::*;
 
+use crate::aggregate::Unplaceable;
 use crate::restart::{ActorKind, Decision, Exit, RestartPolicy, RestartTracker};
 use crate::telemetry;
 
@@ -124,16 +125,36 @@ pub struct Escalation {
     pub reason: String,
 }
 
-/// What every supervised actor shares: where escalations go, and the seed of
-/// the jitter.
+/// Why the pipeline must end at once. `app::run` returns the matching
+/// outcome; the actor that reports it stops applying and flushing first.
+#[derive(Debug, Clone)]
+pub enum Fatal {
+    /// An actor failed more often than its restart policy allows.
+    Escalated(Escalation),
+    /// An aggregate holds a value its table cannot store.
+    Unstorable {
+        aggregate: &'static str,
+        error: String,
+    },
+    /// An event cannot be placed in its partition's history.
+    Unplaceable(Unplaceable),
+}
+
+/// What every supervised actor shares: where fatal errors go.
 #[derive(Clone)]
 pub struct Supervision {
-    escalations: tokio::sync::mpsc::UnboundedSender<Escalation>,
+    fatal: tokio::sync::mpsc::UnboundedSender<Fatal>,
 }
 
 impl Supervision {
-    pub fn new(escalations: tokio::sync::mpsc::UnboundedSender<Escalation>) -> Supervision {
-        Supervision { escalations }
+    pub fn new(fatal: tokio::sync::mpsc::UnboundedSender<Fatal>) -> Supervision {
+        Supervision { fatal }
+    }
+
+    /// Ends the run: nothing can go on after `fatal`.
+    pub fn report(&self, fatal: Fatal) {
+        // Fails only once the run has ended already.
+        let _ = self.fatal.send(fatal);
     }
 
     /// Starts `make()` on `arbiter` under `policy`. After each restart (the
@@ -161,7 +182,7 @@ impl Supervision {
             name: name.clone(),
         });
         let slot = shared.clone();
-        let escalations = self.escalations.clone();
+        let supervision = self.clone();
         arbiter.spawn(async move {
             let mut tracker = RestartTracker::new(kind, policy, Instant::now());
             let mut mailbox = Some(rx);
@@ -207,7 +228,7 @@ impl Supervision {
                     }
                     Decision::Escalate { reason } => {
                         slot.clear();
-                        let _ = escalations.send(Escalation { kind, name, reason });
+                        supervision.report(Fatal::Escalated(Escalation { kind, name, reason }));
                         return;
                     }
                 }

@@ -447,8 +447,10 @@ fn in_process(
     let result = processor
         .join()
         .map_err(|_| anyhow::anyhow!("the processor thread panicked"))?;
-    result.context("the processor failed")?;
-    committed
+    match result.context("the processor failed")? {
+        crate::app::Outcome::Stopped => committed,
+        early => bail!("the processor ended early: {early:?}"),
+    }
 }
 
 /// `instances` child processes of `etl-processor run` in one group.

@@ -16,10 +16,6 @@
 //! already counted then holds an event whose position in Postgres's log the
 //! stored rows do not cover (`aggregate::AggregateState::apply`).
 
-/// Exit code when a partition's log started over: a restart cannot help;
-/// the aggregates must be rebuilt (README, "The source started over").
-pub const EXIT_LOG_STARTED_OVER: u8 = 5;
-
 /// A partition whose log ends before the events already stored from it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
