@@ -12,6 +12,7 @@ pub mod bench;
 pub mod catalog;
 pub mod cdc;
 pub mod config;
+pub mod faults;
 pub mod loadgen;
 pub mod rebuild;
 pub mod reconcile;

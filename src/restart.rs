@@ -441,6 +441,7 @@ impl RestartTracker {
     }
 
     /// How many restarts count against the limit at `now`.
+    #[cfg(test)]
     pub fn restarts_in_window(&self, now: Instant) -> usize {
         self.restarts
             .iter()
@@ -449,6 +450,7 @@ impl RestartTracker {
     }
 
     /// Restarts since the last stable incarnation (the backoff exponent).
+    #[cfg(test)]
     pub fn consecutive_restarts(&self) -> u32 {
         self.consecutive
     }
@@ -457,14 +459,6 @@ impl RestartTracker {
     /// current incarnation is not the first and has state to rebuild.
     pub fn restarts(&self) -> u64 {
         self.total
-    }
-
-    pub fn policy(&self) -> &RestartPolicy {
-        &self.policy
-    }
-
-    pub fn kind(&self) -> ActorKind {
-        self.kind
     }
 
     fn expired(&self, at: Instant, now: Instant) -> bool {

@@ -208,6 +208,22 @@ async fn the_image_builds_and_runs_the_pipeline_to_an_exact_reconcile() {
         "10001"
     );
 
+    // --- the release build has no fault injection: it refuses to start
+    // with a setting that would switch a replay guard off.
+    let refused = docker(&[
+        "run",
+        "--rm",
+        "-e",
+        "ETL_FAULT_NO_OFFSET_GUARD=true",
+        &image,
+    ]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("setting ETL_FAULT_NO_OFFSET_GUARD (from the environment): this build has no fault injection"),
+        "{said}"
+    );
+
     // --- the processor, as compose runs it, against the native stack.
     let run = Run::new("docker_image").await;
     let metrics_port = free_port();

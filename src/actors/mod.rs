@@ -16,7 +16,6 @@
 //! - [`Pipeline`]: starts them and is what the Kafka source talks to.
 
 mod aggregator;
-mod faults;
 mod partition;
 mod pipeline;
 mod sink;

@@ -4,10 +4,9 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::aggregator::{ApplyChanges, Lease};
-use super::faults::PanicInjector;
 use super::supervisor::{Failure, Route};
 use crate::cdc::{self, Decoded, Table};
-use crate::config::FaultConfig;
+use crate::faults::{FaultConfig, PanicInjector};
 use crate::restart::ActorKind;
 use crate::sink::{DeadLetter, DeadLetters};
 use crate::source::RecordBatch;
@@ -172,6 +171,7 @@ impl Handler<Decode> for PartitionActor {
             partition: self.partition,
             lease,
             last_offset,
+            caught_up: batch.caught_up,
             changes,
             newest_committed_ms,
             queued: self.aggregator_mailbox.enqueued(),

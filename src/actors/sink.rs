@@ -4,9 +4,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::faults::PanicInjector;
 use crate::aggregate::StoredRow;
-use crate::config::FaultConfig;
+use crate::faults::{FaultConfig, PanicInjector};
 use crate::restart::ActorKind;
 use crate::sink::{ClickHouseSink, SinkError, SinkTable};
 use crate::telemetry::{self, Queued};
@@ -80,13 +79,9 @@ impl<A: SinkTable> Handler<Write<A>> for SinkActor<A> {
             let mut attempt = 0u64;
             loop {
                 attempt += 1;
-                if !faults.flush_delay.is_zero() {
-                    tokio::time::sleep(faults.flush_delay).await;
-                }
-                let result = if rng.f64() < faults.insert_failure_rate {
-                    Err(SinkError::Injected)
-                } else {
-                    sink.write::<A>(&rows).await
+                let result = match faults.before_insert(&mut rng).await {
+                    Ok(()) => sink.write::<A>(&rows).await,
+                    Err(injected) => Err(injected),
                 };
                 telemetry::sink_failing(A::NAME, result.is_err());
                 match result {

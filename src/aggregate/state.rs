@@ -308,8 +308,8 @@ pub struct AggregateState<A: Aggregate> {
     /// The newest snapshot any partition has seen: a partition that goes on
     /// to stream without having seen it had no rows in it.
     latest_snapshot: SnapshotId,
-    offset_guard: bool,
-    position_guard: bool,
+    #[cfg(feature = "faults")]
+    guards: Guards,
     /// Counting again from the newest snapshot in the log (`rebuild`).
     rebuild: bool,
 }
@@ -319,11 +319,25 @@ impl<A: Aggregate> Default for AggregateState<A> {
         AggregateState {
             partitions: HashMap::default(),
             latest_snapshot: SnapshotId::default(),
-            offset_guard: true,
-            position_guard: true,
+            #[cfg(feature = "faults")]
+            guards: Guards::ON,
             rebuild: false,
         }
     }
+}
+
+/// The two replay guards: by Kafka offset, and by position in the source.
+#[derive(Debug, Clone, Copy)]
+struct Guards {
+    offset: bool,
+    position: bool,
+}
+
+impl Guards {
+    const ON: Guards = Guards {
+        offset: true,
+        position: true,
+    };
 }
 
 /// What applying one event did.
@@ -340,18 +354,33 @@ pub struct Applied {
 }
 
 impl<A: Aggregate> AggregateState<A> {
-    /// Test only (`ETL_FAULT_NO_OFFSET_GUARD`): applies replayed events again,
-    /// which is what the fault tests must catch as double counting.
+    /// Fault-test builds only (`ETL_FAULT_NO_OFFSET_GUARD`): applies
+    /// replayed events again, which the fault tests must catch as double
+    /// counting.
+    #[cfg(feature = "faults")]
     pub fn without_offset_guard(mut self) -> Self {
-        self.offset_guard = false;
+        self.guards.offset = false;
         self
     }
 
-    /// Test only (`ETL_FAULT_NO_POSITION_GUARD`): applies events the source
-    /// sent again, which the upstream tests must catch as double counting.
+    /// Fault-test builds only (`ETL_FAULT_NO_POSITION_GUARD`): applies
+    /// events the source sent again, which the upstream tests must catch as
+    /// double counting.
+    #[cfg(feature = "faults")]
     pub fn without_position_guard(mut self) -> Self {
-        self.position_guard = false;
+        self.guards.position = false;
         self
+    }
+
+    #[cfg(feature = "faults")]
+    fn guards(&self) -> Guards {
+        self.guards
+    }
+
+    /// Without fault injection compiled in, both guards always hold.
+    #[cfg(not(feature = "faults"))]
+    fn guards(&self) -> Guards {
+        Guards::ON
     }
 
     /// A state that counts a whole log from its start, as a rebuild does:
@@ -411,8 +440,10 @@ impl<A: Aggregate> AggregateState<A> {
         origin: Origin,
         change: &TableChange,
     ) -> Result<Applied, Unplaceable> {
-        let offset_guard = self.offset_guard;
-        let position_guard = self.position_guard;
+        let Guards {
+            offset: offset_guard,
+            position: position_guard,
+        } = self.guards();
         let latest_snapshot = self.latest_snapshot;
         let rebuild = self.rebuild;
         let state = self.observed(partition, offset);
@@ -503,8 +534,21 @@ impl<A: Aggregate> AggregateState<A> {
 
     /// The rows changed since the last flush.
     pub fn dirty_rows(&self) -> Vec<StoredRow<A::Key, A::Value>> {
+        self.dirty_rows_where(|_| true)
+    }
+
+    /// The rows of `partitions` changed since the last flush.
+    pub fn dirty_rows_of(&self, partitions: &[Partition]) -> Vec<StoredRow<A::Key, A::Value>> {
+        self.dirty_rows_where(|p| partitions.contains(&p))
+    }
+
+    fn dirty_rows_where(
+        &self,
+        wanted: impl Fn(Partition) -> bool,
+    ) -> Vec<StoredRow<A::Key, A::Value>> {
         self.partitions
             .iter()
+            .filter(|(partition, _)| wanted(**partition))
             .flat_map(|(partition, state)| {
                 let mark = state.mark();
                 state

@@ -23,6 +23,7 @@ pub enum SinkError {
     ClickHouse(#[from] ::clickhouse::error::Error),
     #[error("ClickHouse did not answer within {0:?}")]
     Timeout(Duration),
+    #[cfg(feature = "faults")]
     #[error("injected insert failure (ETL_FAULT_INSERT_FAILURE_RATE)")]
     Injected,
     /// A value the table cannot hold: retrying cannot help.

@@ -27,8 +27,6 @@ pub struct Counters {
     pub unknown_columns: DashMap<(Table, String), AtomicU64>,
     /// Truncates seen (and, by policy, not applied), by table.
     pub truncates: DashMap<Table, AtomicU64>,
-    /// Events that could not be decoded, by reason.
-    pub decode_errors: DashMap<&'static str, AtomicU64>,
     /// Key updates skipped by the offset guard (replayed events), by aggregate.
     pub replays_skipped: DashMap<&'static str, AtomicU64>,
     /// Events skipped by the position guard (the source sent them again at
@@ -112,10 +110,6 @@ pub fn truncate(table: Table) {
         %table,
         "TRUNCATE is not applied to the aggregates (policy: see README); run reconcile"
     );
-}
-
-pub fn decode_error(reason: &'static str) {
-    bump(&counters().decode_errors, reason, 1);
 }
 
 pub fn replay_skipped(aggregate: &'static str, updates: u64) {
@@ -298,7 +292,6 @@ pub fn log_summary() {
         unknown_tables = %render(&c.unknown_tables),
         unknown_columns = %render(&c.unknown_columns),
         truncates = %render(&c.truncates),
-        decode_errors = %render(&c.decode_errors),
         replays_skipped = %render(&c.replays_skipped),
         source_repeats = %render(&c.source_repeats),
         new_snapshots = %render(&c.new_snapshots),
