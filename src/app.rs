@@ -46,17 +46,18 @@ impl Outcome {
     }
 }
 
-impl From<Fatal> for Outcome {
-    fn from(fatal: Fatal) -> Outcome {
-        match fatal {
-            Fatal::Escalated(e) => {
-                Outcome::Escalated(format!("{} {}: {}", e.kind.as_str(), e.name, e.reason))
-            }
-            Fatal::Unstorable { aggregate, error } => {
-                Outcome::Unstorable(format!("{aggregate}: {error}"))
-            }
-            Fatal::Unplaceable(e) => Outcome::SourceStartedOver(e.to_string()),
+/// The outcome a fatal error ends the run with. An aggregator has logged
+/// its own error already; supervision's is said here, once.
+fn ended_by(fatal: Fatal) -> Outcome {
+    match fatal {
+        Fatal::Escalated(e) => {
+            tracing::error!(kind = e.kind.as_str(), actor = %e.name, "supervision gave up: {}; stopping so that the process is restarted", e.reason);
+            Outcome::Escalated(format!("{} {}: {}", e.kind.as_str(), e.name, e.reason))
         }
+        Fatal::Unstorable { aggregate, error } => {
+            Outcome::Unstorable(format!("{aggregate}: {error}"))
+        }
+        Fatal::Unplaceable(e) => Outcome::SourceStartedOver(e.to_string()),
     }
 }
 
@@ -131,7 +132,10 @@ pub fn run<S: Display>(config: Config, stop: impl Future<Output = S>) -> anyhow:
         })?;
 
         tokio::pin!(done_rx);
-        let source_died = || Outcome::Escalated("the Kafka source thread panicked".to_owned());
+        let source_died = || {
+            tracing::error!("the Kafka source thread panicked; stopping");
+            Outcome::Escalated("the Kafka source thread panicked".to_owned())
+        };
         let outcome = tokio::select! {
             signal = stop => {
                 tracing::info!(%signal, bound = ?config.shutdown_timeout, "shutting down: flushing and committing");
@@ -146,13 +150,12 @@ pub fn run<S: Display>(config: Config, stop: impl Future<Output = S>) -> anyhow:
                     }
                 }
             }
-            Some(fatal) = fatal_rx.recv() => Ok(Outcome::from(fatal)),
+            Some(fatal) = fatal_rx.recv() => Ok(ended_by(fatal)),
             done = &mut done_rx => done.map_or_else(|_| Ok(source_died()), source_ended),
         };
         crate::telemetry::log_summary();
-        match &outcome {
-            Ok(Outcome::Stopped) | Err(_) => {}
-            Ok(early) => tracing::error!(code = early.exit_code(), "the run ends: {early:?}"),
+        if let Ok(outcome) = &outcome {
+            tracing::info!(code = outcome.exit_code(), "the run ends: {outcome:?}");
         }
         actix::System::current().stop();
         outcome

@@ -10,6 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::faults::FaultConfig;
 use crate::restart::{ActorKind, RestartPolicy};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +88,18 @@ pub struct KafkaConfig {
     /// librdkafka's pre-fetch queue (`queued.max.messages.kbytes`): records
     /// fetched ahead of the pipeline, a large part of the resident memory.
     pub prefetch_kbytes: u32,
+    /// librdkafka's `max.poll.interval.ms`: the longest a rebalance waits
+    /// for this member, and the longest between two polls.
+    pub max_poll_interval: Duration,
+}
+
+impl KafkaConfig {
+    /// How long revoked partitions may take to drain and flush before they
+    /// count as lost: half the poll interval, so that the member answers
+    /// the rebalance in time, with room for the assignment that follows.
+    pub fn release_deadline(&self) -> Duration {
+        self.max_poll_interval / 2
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -114,6 +127,10 @@ pub struct FlushConfig {
     pub interval: Duration,
     /// ... and as soon as this many rows are dirty.
     pub max_rows: usize,
+    /// ... and as soon as the consumer has caught up, but no
+    /// sooner than this after the previous write: the most inserts per
+    /// second into each table while events trickle in.
+    pub min_interval: Duration,
 }
 
 /// The restart policy of each actor kind.
@@ -122,50 +139,6 @@ pub struct SupervisionConfig {
     pub partition: RestartPolicy,
     pub aggregator: RestartPolicy,
     pub sink: RestartPolicy,
-}
-
-impl SupervisionConfig {
-    pub fn policy(&self, kind: ActorKind) -> &RestartPolicy {
-        match kind {
-            ActorKind::Partition => &self.partition,
-            ActorKind::Aggregator => &self.aggregator,
-            ActorKind::Sink => &self.sink,
-        }
-    }
-}
-
-/// Faults to inject, for the fault tests. All off by default.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct FaultConfig {
-    /// Chance that an actor of the kind panics on a message, by kind.
-    pub panic_rate: Vec<(ActorKind, f64)>,
-    /// Chance that a ClickHouse insert fails before it is sent.
-    pub insert_failure_rate: f64,
-    /// Added before every ClickHouse insert.
-    pub flush_delay: Duration,
-    /// Test only: applies replayed events again (no offset guard), to show
-    /// that the fault tests would catch double counting.
-    pub no_offset_guard: bool,
-    /// Test only: applies events the source sent again at new offsets (no
-    /// position guard), to show that the upstream tests would catch it.
-    pub no_position_guard: bool,
-    pub seed: u64,
-}
-
-impl FaultConfig {
-    pub fn panic_rate(&self, kind: ActorKind) -> f64 {
-        self.panic_rate
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .map_or(0.0, |(_, r)| *r)
-    }
-
-    pub fn any(&self) -> bool {
-        self != &FaultConfig {
-            seed: self.seed,
-            ..FaultConfig::default()
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -233,7 +206,7 @@ impl Settings {
                     })?;
             for (key, value) in table {
                 let name = format!("ETL_{}", key.to_ascii_uppercase());
-                if !KNOWN.contains(&name.as_str()) || name == "ETL_CONFIG_FILE" {
+                if !known(&name) || name == "ETL_CONFIG_FILE" {
                     return Err(ConfigError::File {
                         path,
                         why: format!("unknown setting {key:?} (known: {})", known_file_keys()),
@@ -251,7 +224,7 @@ impl Settings {
                 continue;
             }
             // A misspelt setting would otherwise be ignored without a word.
-            if !KNOWN.contains(&name.as_str()) {
+            if !known(&name) {
                 return Err(ConfigError::Invalid {
                     name,
                     origin: Origin::Environment,
@@ -268,7 +241,7 @@ impl Settings {
     }
 
     /// The error for a bad value of `name`, saying where the value came from.
-    fn invalid(&self, name: &str, why: String) -> ConfigError {
+    pub(crate) fn invalid(&self, name: &str, why: String) -> ConfigError {
         let origin = self
             .raw(name)
             .map_or(Origin::Environment, |(_, o)| o.clone());
@@ -285,11 +258,11 @@ impl Settings {
             .unwrap_or_else(|| default.to_owned())
     }
 
-    fn optional(&self, name: &str) -> Option<String> {
+    pub(crate) fn optional(&self, name: &str) -> Option<String> {
         self.raw(name).map(|(v, _)| v.trim().to_owned())
     }
 
-    fn parsed<T>(
+    pub(crate) fn parsed<T>(
         &self,
         name: &str,
         default: T,
@@ -315,7 +288,7 @@ impl Settings {
         Ok(value)
     }
 
-    fn millis(
+    pub(crate) fn millis(
         &self,
         name: &str,
         default: u64,
@@ -341,32 +314,6 @@ impl Settings {
         }
     }
 
-    fn rate(&self, name: &str) -> Result<f64, ConfigError> {
-        self.parsed(name, 0.0, |r: &f64| valid_rate(*r))
-    }
-
-    /// `kind=rate ...`, e.g. `partition=0.01 aggregator=0.001`.
-    fn panic_rates(&self, name: &str) -> Result<Vec<(ActorKind, f64)>, ConfigError> {
-        let Some(spec) = self.optional(name) else {
-            return Ok(Vec::new());
-        };
-        let mut rates = Vec::new();
-        for part in spec.split_whitespace() {
-            let parsed = part.split_once('=').and_then(|(kind, rate)| {
-                let kind = ActorKind::ALL.into_iter().find(|k| k.as_str() == kind)?;
-                Some((kind, rate.parse::<f64>().ok()?))
-            });
-            match parsed {
-                Some((kind, rate)) if valid_rate(rate).is_ok() => rates.push((kind, rate)),
-                _ => {
-                    let why = format!("{part:?} is not KIND=RATE with KIND partition, aggregator or sink and RATE between 0 and 1");
-                    return Err(self.invalid(name, why));
-                }
-            }
-        }
-        Ok(rates)
-    }
-
     fn url(&self, name: &str, default: &str, schemes: &[&str]) -> Result<String, ConfigError> {
         let url = self.string(name, default);
         if !schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
@@ -378,6 +325,12 @@ impl Settings {
 }
 
 /// Every setting, by environment name.
+/// Whether `name` is a setting; the fault settings are, in every build, so
+/// that one without fault injection can say why it refuses them.
+fn known(name: &str) -> bool {
+    KNOWN.contains(&name) || crate::faults::SETTINGS.contains(&name)
+}
+
 const KNOWN: &[&str] = &[
     "ETL_CONFIG_FILE",
     "ETL_KAFKA_BROKERS",
@@ -392,10 +345,12 @@ const KNOWN: &[&str] = &[
     "ETL_CLICKHOUSE_VALIDATION",
     "ETL_FLUSH_INTERVAL_MS",
     "ETL_FLUSH_MAX_ROWS",
+    "ETL_FLUSH_MIN_INTERVAL_MS",
     "ETL_POSTGRES_URL",
     "ETL_LOG",
     "ETL_MAX_INFLIGHT_RECORDS",
     "ETL_KAFKA_PREFETCH_KBYTES",
+    "ETL_KAFKA_MAX_POLL_INTERVAL_MS",
     "ETL_COMMIT_INTERVAL_MS",
     "ETL_DEAD_LETTER_TOPIC",
     "ETL_SHUTDOWN_TIMEOUT_MS",
@@ -404,12 +359,6 @@ const KNOWN: &[&str] = &[
     "ETL_RESTART_PARTITION",
     "ETL_RESTART_AGGREGATOR",
     "ETL_RESTART_SINK",
-    "ETL_FAULT_PANIC",
-    "ETL_FAULT_INSERT_FAILURE_RATE",
-    "ETL_FAULT_FLUSH_DELAY_MS",
-    "ETL_FAULT_NO_OFFSET_GUARD",
-    "ETL_FAULT_NO_POSITION_GUARD",
-    "ETL_FAULT_SEED",
     "ETL_METRICS_ADDR",
     "ETL_OTEL_ENDPOINT",
     "ETL_OTEL_SAMPLE_RATIO",
@@ -436,7 +385,7 @@ impl FromStr for Validation {
     }
 }
 
-fn valid_rate(rate: f64) -> Result<(), String> {
+pub(crate) fn valid_rate(rate: f64) -> Result<(), String> {
     if (0.0..=1.0).contains(&rate) {
         Ok(())
     } else {
@@ -463,12 +412,44 @@ fn prefetch_kbytes(kbytes: &u32) -> Result<(), String> {
     }
 }
 
+fn flush_config(s: &Settings) -> Result<FlushConfig, ConfigError> {
+    let flush = FlushConfig {
+        interval: s.millis("ETL_FLUSH_INTERVAL_MS", 1_000, 10, 60_000)?,
+        max_rows: s.parsed("ETL_FLUSH_MAX_ROWS", 50_000, at_least(1))?,
+        min_interval: s.millis("ETL_FLUSH_MIN_INTERVAL_MS", 200, 0, 60_000)?,
+    };
+    if flush.min_interval > flush.interval {
+        let why = format!(
+            "{} ms is more than ETL_FLUSH_INTERVAL_MS ({} ms), which writes at least that often",
+            flush.min_interval.as_millis(),
+            flush.interval.as_millis()
+        );
+        return Err(s.invalid("ETL_FLUSH_MIN_INTERVAL_MS", why));
+    }
+    Ok(flush)
+}
+
 impl Config {
     pub fn from_process() -> Result<Config, ConfigError> {
         Config::from_settings(&Settings::from_process()?)
     }
 
     pub fn from_settings(s: &Settings) -> Result<Config, ConfigError> {
+        let config = Config::read(s)?;
+        let kafka = &config.kafka;
+        // librdkafka refuses a consumer whose session outlives its poll interval.
+        if kafka.max_poll_interval < kafka.session_timeout {
+            let why = format!(
+                "{} ms is less than ETL_KAFKA_SESSION_TIMEOUT_MS ({} ms)",
+                kafka.max_poll_interval.as_millis(),
+                kafka.session_timeout.as_millis()
+            );
+            return Err(s.invalid("ETL_KAFKA_MAX_POLL_INTERVAL_MS", why));
+        }
+        Ok(config)
+    }
+
+    fn read(s: &Settings) -> Result<Config, ConfigError> {
         let brokers = s.string("ETL_KAFKA_BROKERS", "127.0.0.1:9092");
         let valid_broker = |b: &str| match b.trim().rsplit_once(':') {
             Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
@@ -494,6 +475,12 @@ impl Config {
                 max_inflight_records: s.parsed("ETL_MAX_INFLIGHT_RECORDS", 20_000, at_least(1))?,
                 commit_interval: s.millis("ETL_COMMIT_INTERVAL_MS", 0, 0, 60_000)?,
                 prefetch_kbytes: s.parsed("ETL_KAFKA_PREFETCH_KBYTES", 8_192, prefetch_kbytes)?,
+                max_poll_interval: s.millis(
+                    "ETL_KAFKA_MAX_POLL_INTERVAL_MS",
+                    300_000,
+                    10_000,
+                    86_400_000,
+                )?,
             },
             clickhouse: ClickHouseConfig {
                 url: s.url(
@@ -506,23 +493,13 @@ impl Config {
                 password: s.optional("ETL_CLICKHOUSE_PASSWORD"),
                 validation: s.parsed("ETL_CLICKHOUSE_VALIDATION", Validation::Auto, |_| Ok(()))?,
             },
-            flush: FlushConfig {
-                interval: s.millis("ETL_FLUSH_INTERVAL_MS", 1_000, 10, 60_000)?,
-                max_rows: s.parsed("ETL_FLUSH_MAX_ROWS", 50_000, at_least(1))?,
-            },
+            flush: flush_config(s)?,
             supervision: SupervisionConfig {
                 partition: s.policy("ETL_RESTART_PARTITION", ActorKind::Partition)?,
                 aggregator: s.policy("ETL_RESTART_AGGREGATOR", ActorKind::Aggregator)?,
                 sink: s.policy("ETL_RESTART_SINK", ActorKind::Sink)?,
             },
-            faults: FaultConfig {
-                panic_rate: s.panic_rates("ETL_FAULT_PANIC")?,
-                insert_failure_rate: s.rate("ETL_FAULT_INSERT_FAILURE_RATE")?,
-                flush_delay: s.millis("ETL_FAULT_FLUSH_DELAY_MS", 0, 0, 600_000)?,
-                no_offset_guard: s.parsed("ETL_FAULT_NO_OFFSET_GUARD", false, |_| Ok(()))?,
-                no_position_guard: s.parsed("ETL_FAULT_NO_POSITION_GUARD", false, |_| Ok(()))?,
-                seed: s.parsed("ETL_FAULT_SEED", 0, |_| Ok(()))?,
-            },
+            faults: FaultConfig::from_settings(s)?,
             dead_letter_topic: s.string(
                 "ETL_DEAD_LETTER_TOPIC",
                 &format!(
@@ -717,15 +694,30 @@ mod tests {
     }
 
     #[test]
-    fn restart_policies_and_faults_are_per_actor_kind() {
-        let c = config(
+    fn the_minimum_flush_interval_fits_under_the_timer() {
+        let c = config(&[], None).unwrap();
+        assert_eq!(c.flush.min_interval, Duration::from_millis(200));
+        let c = config(&[("ETL_FLUSH_MIN_INTERVAL_MS", "0")], None).unwrap();
+        assert_eq!(c.flush.min_interval, Duration::ZERO);
+        let err = config(
             &[
-                ("ETL_RESTART_AGGREGATOR", "transient max=2"),
-                ("ETL_FAULT_PANIC", "partition=0.5 sink=1"),
+                ("ETL_FLUSH_INTERVAL_MS", "500"),
+                ("ETL_FLUSH_MIN_INTERVAL_MS", "800"),
             ],
             None,
         )
-        .unwrap();
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "setting ETL_FLUSH_MIN_INTERVAL_MS (from the environment): 800 ms is more than \
+             ETL_FLUSH_INTERVAL_MS (500 ms), which writes at least that often"
+        );
+    }
+
+    #[test]
+    fn restart_policies_are_per_actor_kind() {
+        let c = config(&[("ETL_RESTART_AGGREGATOR", "transient max=2")], None).unwrap();
         let aggregator = RestartPolicy::parse(
             "transient max=2",
             &RestartPolicy::default_for(ActorKind::Aggregator),
@@ -735,11 +727,7 @@ mod tests {
             c.supervision.partition,
             RestartPolicy::default_for(ActorKind::Partition)
         );
-        assert_eq!(c.faults.panic_rate(ActorKind::Partition), 0.5);
-        assert_eq!(c.faults.panic_rate(ActorKind::Aggregator), 0.0);
-        assert_eq!(c.faults.panic_rate(ActorKind::Sink), 1.0);
-        assert!(c.faults.any());
-        assert!(!config(&[], None).unwrap().faults.any());
+        assert!(!c.faults.any());
         assert_eq!(c.dead_letter_topic, "online_store.dead_letter");
 
         let err = config(&[("ETL_RESTART_SINK", "forever")], None)
@@ -749,6 +737,18 @@ mod tests {
             err.starts_with("setting ETL_RESTART_SINK (from the environment): \"forever\": \"forever\": unknown part"),
             "{err}"
         );
+    }
+
+    #[cfg(feature = "faults")]
+    #[test]
+    fn faults_are_per_actor_kind() {
+        let c = config(&[("ETL_FAULT_PANIC", "partition=0.5 sink=1")], None).unwrap();
+        assert_eq!(c.faults.panic_rate(ActorKind::Partition), 0.5);
+        assert_eq!(c.faults.panic_rate(ActorKind::Aggregator), 0.0);
+        assert_eq!(c.faults.panic_rate(ActorKind::Sink), 1.0);
+        assert!(c.faults.any());
+        assert!(!config(&[], None).unwrap().faults.any());
+
         let err = config(&[("ETL_FAULT_PANIC", "decoder=0.1")], None)
             .unwrap_err()
             .to_string();
@@ -762,6 +762,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("between 0 and 1"), "{err}");
+    }
+
+    #[cfg(not(feature = "faults"))]
+    #[test]
+    fn a_build_without_fault_injection_refuses_every_fault_setting() {
+        for name in crate::faults::SETTINGS {
+            let err = config(&[(name, "true")], None).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "setting {name} (from the environment): this build has no fault injection: \
+                     it is for the fault tests' builds (cargo feature `faults`)"
+                )
+            );
+        }
     }
 
     #[test]

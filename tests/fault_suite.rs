@@ -501,3 +501,56 @@ async fn ready(url: &str) -> (u16, String) {
     let status = response.status().as_u16();
     (status, response.text().await.unwrap())
 }
+
+/// A slow ClickHouse must not stall the group's rebalance: a member whose
+/// revoked partitions cannot flush in time (every insert here takes longer
+/// than the deadline, half of ETL_KAFKA_MAX_POLL_INTERVAL_MS) hands them
+/// over as lost when the deadline passes; their new owner replays them from
+/// the last commit, and the totals end exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn a_revoke_that_cannot_flush_in_time_hands_its_partitions_over_at_the_deadline() {
+    let _serial = SERIAL.lock().await;
+    let poll_interval = Duration::from_secs(10);
+    let mut run = Run::new("deadline").await;
+    run.set("ETL_KAFKA_MAX_POLL_INTERVAL_MS", poll_interval.as_millis());
+    // The history first, at full speed.
+    let mut first = run.start_processor();
+    run.caught_up("the stack's topics").await;
+    first.terminate();
+
+    run.set("ETL_FAULT_FLUSH_DELAY_MS", 8_000);
+    let mut slow = run.start_processor();
+    run.partitions_loaded(2).await;
+    // A workload under way, so that the slow member has a flush in flight
+    // whenever the rebalance comes.
+    let seed = seed(7);
+    let mut workload = run.start_workload(seed, "--size large");
+    run.workload_reaches(seed, 20).await;
+
+    run.settings.remove("ETL_FAULT_FLUSH_DELAY_MS");
+    let joined = Instant::now();
+    let mut second = run.start_processor();
+    let answered = eventually(
+        "the slow member to give its partitions up at the deadline",
+        poll_interval * 2,
+        || async {
+            run.log(2)
+                .contains("missed its deadline")
+                .then(|| joined.elapsed())
+        },
+    )
+    .await;
+    eprintln!(
+        "deadline: the slow member answered the rebalance {answered:?} after the second joined"
+    );
+    assert!(
+        answered < poll_interval,
+        "the rebalance waited {answered:?}, past the poll interval"
+    );
+    run.partitions_loaded(3).await;
+    wait(&mut workload, "workload");
+    run.caught_up("after the hand-over").await;
+    second.terminate();
+    slow.kill();
+}

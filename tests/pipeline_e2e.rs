@@ -6,10 +6,10 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::eventually;
-use common::pipeline::{wait, Run, SESSION_TIMEOUT};
+use common::pipeline::{metric, wait, Run, SESSION_TIMEOUT};
 
 const UNKNOWN_TOPIC: &str = "online_store.public.reviews";
 /// Long, so that a kill mid-workload finds seconds of unflushed events.
@@ -169,4 +169,57 @@ async fn aggregates_are_exact_after_a_workload_a_sigkill_and_a_rebalance() {
         .execute()
         .await
         .unwrap();
+}
+
+/// Once the source has caught up, what changed is written at once, not on
+/// the flush timer (here a minute, longer than the test), and no table gets
+/// more than one insert per `ETL_FLUSH_MIN_INTERVAL_MS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real stack: run scripts/test"]
+async fn a_caught_up_source_is_written_without_waiting_for_the_timer() {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let seed = now.as_secs() % 40_000 * 2 + 1;
+    let min_interval = Duration::from_millis(500);
+    let mut run = Run::new("caught_up").await;
+    // The history first, with the default timer.
+    let mut processor = run.start_processor();
+    run.caught_up("the stack's topics").await;
+    processor.terminate();
+
+    run.set("ETL_FLUSH_INTERVAL_MS", 60_000)
+        .set("ETL_FLUSH_MIN_INTERVAL_MS", min_interval.as_millis());
+    let mut processor = run.start_processor();
+    let started = Instant::now();
+    run.partitions_loaded(2).await;
+    let mut workload = run.start_workload(seed, "--size small");
+    wait(&mut workload, "small workload");
+    let report = run
+        .caught_up_within("after the workload", Duration::from_secs(30))
+        .await;
+    assert!(report.compared > 0);
+
+    let base = run.metrics_base_url(2).await;
+    let elapsed = started.elapsed();
+    let most = (elapsed.as_secs_f64() / min_interval.as_secs_f64()).ceil() + 1.0;
+    for aggregate in [
+        "orders_by_minute",
+        "product_sales",
+        "customers_by_minute",
+        "products",
+    ] {
+        let inserts = metric(
+            &base,
+            "etl_flush_duration_seconds_count",
+            &[("aggregate", aggregate)],
+        )
+        .await;
+        eprintln!("caught_up: {aggregate}: {inserts} inserts in {elapsed:?}");
+        // products: the small workload changes no product.
+        let least = if aggregate == "products" { 0.0 } else { 1.0 };
+        assert!(
+            (least..=most).contains(&inserts),
+            "{aggregate}: {inserts} inserts in {elapsed:?}, at most {most} allowed"
+        );
+    }
+    processor.terminate();
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::eventually;
-use common::pipeline::{wait, Processor, Run, PARTITIONS, SESSION_TIMEOUT, TABLES};
+use common::pipeline::{metric, wait, Processor, Run, PARTITIONS, SESSION_TIMEOUT, TABLES};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 /// Exit code of a processor that found a partition's log started over.
@@ -383,19 +383,6 @@ fn records_in_broker(brokers: &str, topic: &str, first: i32, n: i32) -> i64 {
 }
 
 /// The sum of a counter over its label sets, from /metrics.
-async fn counter(base: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Workload seeds of their own (ids from 1000 + seed * 100000 on), apart
 /// from the other suites' seeds.
 fn seeds() -> u64 {
@@ -516,8 +503,8 @@ async fn ten_engine_kills_neither_lose_nor_double_count() {
 
     let report = guarded.caught_up("after 10 engine kills").await;
     let base = guarded.metrics_base_url(1).await;
-    let repeats = counter(&base, "etl_source_repeats_skipped_total").await;
-    let snapshots = counter(&base, "etl_new_snapshots_total").await;
+    let repeats = metric(&base, "etl_source_repeats_skipped_total", &[]).await;
+    let snapshots = metric(&base, "etl_new_snapshots_total", &[]).await;
     eprintln!(
         "engine_kills: exact over {} keys; {repeats} events sent again were skipped, {snapshots} \
          partitions took the restarted snapshot",
@@ -624,7 +611,7 @@ async fn real_events_produced_again_at_new_offsets_change_nothing() {
     }
     let report = guarded.caught_up("after the repeat").await;
     let base = guarded.metrics_base_url(1).await;
-    let skipped = counter(&base, "etl_source_repeats_skipped_total").await;
+    let skipped = metric(&base, "etl_source_repeats_skipped_total", &[]).await;
     eprintln!(
         "repeated: {repeated} events produced again, {skipped} skipped as repeats; exact over {} keys",
         report.compared

@@ -4,16 +4,16 @@ use std::pin::Pin;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::task::{ready, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::faults::PanicInjector;
 use super::sink::{SinkActor, Write};
 use super::supervisor::{Fatal, Supervised, Supervision};
 use crate::aggregate::AggregateState;
 use crate::cdc::{Origin, TableChange};
-use crate::config::{FaultConfig, FlushConfig};
+use crate::config::FlushConfig;
+use crate::faults::{FaultConfig, PanicInjector};
 use crate::restart::ActorKind;
 use crate::sink::{ClickHouseSink, SinkTable};
 use crate::source::CommitRequest;
@@ -36,6 +36,9 @@ pub struct ApplyChanges {
     pub partition: i32,
     pub lease: Lease,
     pub last_offset: i64,
+    /// The consumer had caught up when it polled the batch: flush soon, not
+    /// on the timer.
+    pub caught_up: bool,
     pub changes: Vec<(i64, Origin, TableChange)>,
     /// When the newest event of the batch was committed in Postgres.
     pub newest_committed_ms: Option<i64>,
@@ -70,12 +73,13 @@ pub struct Acquired {
     pub highest_stored: Option<i64>,
 }
 
-/// Flush (unless `lost`) and forget a partition; answers with the offset to
-/// commit for it, if the flush succeeded.
+/// Flush the partitions' own rows (unless `lost`), in one insert, and
+/// forget them; answers with the offset to commit for each partition whose
+/// rows were written.
 #[derive(Message)]
-#[rtype(result = "Option<i64>")]
+#[rtype(result = "Vec<(i32, i64)>")]
 pub struct Release {
-    pub partition: i32,
+    pub partitions: Vec<i32>,
     pub lost: bool,
 }
 
@@ -94,6 +98,11 @@ pub struct AggregatorActor<A: SinkTable> {
     halted: bool,
     /// Keys updated since the last flush: an upper bound of the dirty rows.
     updated_since_flush: usize,
+    /// When the last flush started: the next one that the source catching
+    /// up asks for waits until `flush.min_interval` after it.
+    last_flush: Instant,
+    /// A flush for a caught-up source is scheduled.
+    flush_soon: bool,
     /// Per partition, the last offset whose commit was requested.
     committed: HashMap<i32, i64>,
     leases: HashMap<i32, Lease>,
@@ -135,16 +144,9 @@ impl<A: SinkTable> AggregatorActor<A> {
         supervision: Supervision,
         faults: &Arc<FaultConfig>,
     ) -> Self {
-        let mut state = AggregateState::default();
-        if faults.no_offset_guard {
-            state = state.without_offset_guard();
-        }
-        if faults.no_position_guard {
-            state = state.without_position_guard();
-        }
         AggregatorActor {
             topic,
-            state,
+            state: faults.guard(AggregateState::default()),
             sink,
             writer,
             flush,
@@ -152,6 +154,8 @@ impl<A: SinkTable> AggregatorActor<A> {
             supervision,
             halted: false,
             updated_since_flush: 0,
+            last_flush: Instant::now(),
+            flush_soon: false,
             committed: HashMap::new(),
             leases: HashMap::new(),
             // Leases of different incarnations must differ too.
@@ -194,6 +198,7 @@ impl<A: SinkTable> AggregatorActor<A> {
             return;
         }
         self.updated_since_flush = 0;
+        self.last_flush = Instant::now();
         let span = tracing::info_span!(
             "flush",
             aggregate = A::NAME,
@@ -276,6 +281,31 @@ impl<A: SinkTable> AggregatorActor<A> {
                 Ok(Err(e)) => Err(WriteFailed::Unstorable(e)),
                 Err(_) => Err(WriteFailed::SinkGone),
             }
+        }
+    }
+
+    /// The source caught up with a partition: write what changed now, not
+    /// on the timer, so that a burst's last events do not wait for it; but
+    /// at most once per `flush.min_interval`, so that a trickle of events
+    /// does not become an insert each.
+    fn caught_up(&mut self, ctx: &mut Context<Self>) {
+        if self.updated_since_flush == 0 || self.flush_soon {
+            return;
+        }
+        let wait = self
+            .flush
+            .min_interval
+            .saturating_sub(self.last_flush.elapsed());
+        if wait.is_zero() {
+            self.flush(ctx);
+        } else {
+            self.flush_soon = true;
+            ctx.run_later(wait, |act, ctx| {
+                act.flush_soon = false;
+                if act.updated_since_flush > 0 {
+                    act.flush(ctx);
+                }
+            });
         }
     }
 
@@ -398,6 +428,8 @@ impl<A: SinkTable> Handler<ApplyChanges> for AggregatorActor<A> {
         }
         if self.updated_since_flush >= self.flush.max_rows {
             self.flush(ctx);
+        } else if batch.caught_up {
+            self.caught_up(ctx);
         }
         Ok(())
     }
@@ -462,56 +494,63 @@ impl<A: SinkTable> Handler<Acquire> for AggregatorActor<A> {
 }
 
 impl<A: SinkTable> Handler<Release> for AggregatorActor<A> {
-    type Result = AtomicResponse<Self, Option<i64>>;
+    type Result = AtomicResponse<Self, Vec<(i32, i64)>>;
 
     fn handle(
         &mut self,
-        Release { partition, lost }: Release,
+        Release { partitions, lost }: Release,
         _: &mut Self::Context,
     ) -> Self::Result {
         // A flush in flight ends first (its commits included); then the
-        // partition's rows it did not cover are written.
+        // partitions' rows it did not cover are written, in one insert.
         AtomicResponse::new(Box::pin(
             Settled
                 .then(move |(), act: &mut Self, _| {
+                    // Only these partitions' rows: the others' flush on their
+                    // own bounds, and their commits with them.
                     let rows = Arc::new(if lost || act.halted {
                         Vec::new()
                     } else {
-                        act.state.dirty_rows()
+                        act.state.dirty_rows_of(&partitions)
                     });
                     let span = tracing::info_span!(
                         "flush",
                         aggregate = A::NAME,
                         rows = rows.len(),
-                        partition,
+                        ?partitions,
                         lost
                     );
                     act.write(rows.clone(), span)
                         .into_actor(act)
-                        .map(move |result, _, _| (rows, result))
+                        .map(move |result, _, _| (partitions, rows, result))
                 })
-                .map(move |(rows, result), act, _| {
-                    let next = match result {
-                        Ok(_) if !lost && !act.halted => {
-                            act.state.mark_flushed(&rows);
-                            act.state.watermark(partition).map(|o| o + 1)
-                        }
-                        Ok(_) => None,
+                .map(move |(partitions, rows, result), act, _| {
+                    let flushed = match result {
+                        Ok(_) => !lost && !act.halted,
                         Err(WriteFailed::Unstorable(e)) => {
                             act.unstorable(&e);
-                            None
+                            false
                         }
                         Err(WriteFailed::SinkGone) => {
                             tracing::warn!(
                                 aggregate = A::NAME,
-                                partition,
+                                ?partitions,
                                 "flush on release failed; the next owner replays"
                             );
-                            None
+                            false
                         }
                     };
-                    act.forget(&[partition]);
-                    next
+                    let mut commits = Vec::new();
+                    if flushed {
+                        act.state.mark_flushed(&rows);
+                        for &partition in &partitions {
+                            if let Some(offset) = act.state.watermark(partition) {
+                                commits.push((partition, offset + 1));
+                            }
+                        }
+                    }
+                    act.forget(&partitions);
+                    commits
                 }),
         ))
     }

@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use dashmap::DashMap;
@@ -13,7 +13,8 @@ use super::sink::SinkActor;
 use super::supervisor::{Route, Supervised, Supervision};
 use crate::aggregate::{CustomersByMinute, OrdersByMinute, ProductSales, Products};
 use crate::cdc::Table;
-use crate::config::{Config, FaultConfig, SupervisionConfig};
+use crate::config::{Config, SupervisionConfig};
+use crate::faults::FaultConfig;
 use crate::restart::ActorKind;
 use crate::sink::{ClickHouseSink, DeadLetters, SinkTable};
 use crate::source::{continuity, CommitRequest, Downstream, RecordBatch, Rewind};
@@ -41,6 +42,11 @@ pub struct Pipeline {
     partitions: DashMap<(String, i32), Supervised<PartitionActor>>,
     /// Decoding runs on its own thread, beside the aggregators.
     decoders: ArbiterHandle,
+    /// The aggregators' thread, where releases run.
+    arbiter: ArbiterHandle,
+    /// How long revoked partitions may take to flush before they count as
+    /// lost: the group waits for this member meanwhile.
+    release_deadline: Duration,
     supervision: Supervision,
     policies: SupervisionConfig,
     faults: Arc<FaultConfig>,
@@ -90,6 +96,8 @@ impl Pipeline {
             aggregators,
             partitions: DashMap::new(),
             decoders: Arbiter::new().handle(),
+            arbiter: here,
+            release_deadline: config.kafka.release_deadline(),
             supervision: wiring.supervision,
             policies: config.supervision.clone(),
             faults,
@@ -291,18 +299,68 @@ impl Downstream for Pipeline {
         Ok(())
     }
 
-    fn revoked(&self, topic: &str, partition: i32, lost: bool) -> Option<i64> {
-        let (_, actor) = self.partitions.remove(&(topic.to_owned(), partition))?;
-        // Every batch delivered before is applied (or dropped) first.
-        if let Some(addr) = actor.addr() {
-            let _ = block_on(addr.send(Drain));
+    fn revoked(&self, partitions: &[(String, i32)], lost: bool) -> Vec<(String, i32, i64)> {
+        let deadline = Instant::now() + self.release_deadline;
+        // One release per aggregator, all under way at once: each drains the
+        // partitions' actors (every batch delivered before is applied or
+        // dropped), then flushes their rows in one insert.
+        let mut by_topic: HashMap<&str, Vec<i32>> = HashMap::new();
+        for (topic, partition) in partitions {
+            by_topic.entry(topic).or_default().push(*partition);
         }
-        actor.stop();
-        let (_, aggregator) = self.table(topic)?;
-        let release = (aggregator.release)()?;
-        block_on(release.send(Release { partition, lost }))
-            .ok()
-            .flatten()
+        let (done, answers) = std::sync::mpsc::channel();
+        let mut releasing = 0;
+        for (topic, numbers) in by_topic {
+            let actors: Vec<_> = numbers
+                .iter()
+                .filter_map(|&p| self.partitions.remove(&(topic.to_owned(), p)))
+                .map(|(_, actor)| actor)
+                .collect();
+            let Some((_, aggregator)) = self.table(topic) else {
+                actors.iter().for_each(Supervised::stop);
+                continue;
+            };
+            let (release, topic, done) =
+                (aggregator.release.clone(), topic.to_owned(), done.clone());
+            releasing += 1;
+            self.arbiter.spawn(async move {
+                let drains = actors
+                    .iter()
+                    .filter_map(|a| a.addr())
+                    .map(|a| a.send(Drain));
+                futures::future::join_all(drains).await;
+                actors.iter().for_each(Supervised::stop);
+                let commits = match release() {
+                    Some(route) => route
+                        .send(Release {
+                            partitions: numbers,
+                            lost,
+                        })
+                        .await
+                        .unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                let _ = done.send((topic, commits));
+            });
+        }
+        drop(done);
+        let mut commits = Vec::new();
+        for _ in 0..releasing {
+            match answers.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((topic, released)) => commits.extend(
+                    released
+                        .into_iter()
+                        .map(|(partition, next)| (topic.clone(), partition, next)),
+                ),
+                // The actix system is gone (the run is ending): nothing to wait for.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    tracing::warn!(deadline = ?self.release_deadline, "releasing the revoked partitions missed its deadline (half of ETL_KAFKA_MAX_POLL_INTERVAL_MS): those not flushed yet are handed over as lost, and their next owner replays them from the last commit");
+                    break;
+                }
+            }
+        }
+        commits
     }
 
     fn deliver(&self, batch: RecordBatch) -> anyhow::Result<()> {

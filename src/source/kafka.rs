@@ -42,6 +42,10 @@ pub struct RecordBatch {
     pub topic: Arc<str>,
     pub partition: i32,
     pub records: Vec<Record>,
+    /// The poll that gathered it ended with nothing more waiting: the
+    /// consumer has caught up, so its changes may be written without
+    /// waiting for the flush timer.
+    pub caught_up: bool,
 }
 
 /// A request to commit: every record of `partition` below `next_offset` has
@@ -71,9 +75,12 @@ pub trait Downstream: Send + Sync + 'static {
     /// A partition is about to be replayed from its last commit: drop what
     /// is held of it and reload its stored state.
     fn rewound(&self, topic: &str, partition: i32) -> anyhow::Result<()>;
-    /// A partition is being taken away. Unless `lost`, flush what it fed and
-    /// return the offset to commit; forget its state either way.
-    fn revoked(&self, topic: &str, partition: i32, lost: bool) -> Option<i64>;
+    /// Partitions (topic, partition) are being taken away, all at once.
+    /// Unless `lost`, flush what they fed and return the offset to commit for
+    /// each partition written in time; forget their state either way. It
+    /// answers within its deadline: a partition not released by then counts
+    /// as lost (its next owner replays from the last commit).
+    fn revoked(&self, partitions: &[(String, i32)], lost: bool) -> Vec<(String, i32, i64)>;
     /// Hand over a batch, without waiting for it to be applied.
     fn deliver(&self, batch: RecordBatch) -> anyhow::Result<()>;
     /// (records handed over and not yet applied, the most there may be).
@@ -228,11 +235,14 @@ fn release<C: ConsumerContext>(
     partitions: &TopicPartitionList,
     lost: bool,
 ) {
+    let taken: Vec<(String, i32)> = partitions
+        .elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect();
     let mut commits = TopicPartitionList::new();
-    for e in partitions.elements() {
-        if let Some(next) = downstream.revoked(e.topic(), e.partition(), lost) {
-            let _ = commits.add_partition_offset(e.topic(), e.partition(), Offset::Offset(next));
-        }
+    for (topic, partition, next) in downstream.revoked(&taken, lost) {
+        let _ = commits.add_partition_offset(&topic, partition, Offset::Offset(next));
     }
     if commits.count() > 0 {
         if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
@@ -277,6 +287,10 @@ pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", session_ms.to_string())
+        .set(
+            "max.poll.interval.ms",
+            config.max_poll_interval.as_millis().to_string(),
+        )
         .set(
             "heartbeat.interval.ms",
             (session_ms / 3).max(100).to_string(),
@@ -382,7 +396,7 @@ impl KafkaSource {
 
     fn poll_until(&self, stop: &AtomicBool, state: &mut LoopState) -> anyhow::Result<()> {
         while !stop.load(Ordering::Relaxed) {
-            self.commit_requested(state, false);
+            self.commit_flushed(state, false);
             self.rewind_requested(state)?;
             self.pause_while_backlogged(state);
             let batches = self.poll_batches(&mut state.topics);
@@ -412,6 +426,7 @@ impl KafkaSource {
         let started = Instant::now();
         let deadline = started + LINGER + POLL_TIMEOUT;
         let mut now = started;
+        let mut drained = false;
         while total < self.batch_max_records && now < deadline {
             // After the first record, gather only what is already there, or
             // arrives within the linger. The clock is read when nothing is
@@ -439,7 +454,10 @@ impl KafkaSource {
                 assignment = generation.load(Ordering::Relaxed);
             }
             let message = match polled {
-                None => break,
+                None => {
+                    drained = true;
+                    break;
+                }
                 Some(Err(KafkaError::PartitionEOF(_))) => {
                     now = Instant::now();
                     continue;
@@ -478,8 +496,12 @@ impl KafkaSource {
                     topic,
                     partition,
                     records: vec![record],
+                    caught_up: false,
                 }),
             }
+        }
+        for batch in &mut batches {
+            batch.caught_up = drained;
         }
         batches
     }
@@ -538,7 +560,7 @@ impl KafkaSource {
             return Ok(());
         }
         // Flushed offsets first, so the replay starts as late as it can.
-        self.commit_requested(state, true);
+        self.commit_flushed(state, true);
         let assignment = self
             .consumer
             .assignment()
@@ -584,7 +606,7 @@ impl KafkaSource {
 
     /// Commits what the aggregators have flushed (latest offset per
     /// partition), at most every `commit_interval` unless `now`.
-    fn commit_requested(&self, state: &mut LoopState, now: bool) {
+    fn commit_flushed(&self, state: &mut LoopState, now: bool) {
         for request in self.commits.try_iter() {
             let next = state
                 .pending
@@ -627,7 +649,7 @@ impl KafkaSource {
 
     fn leave(self, state: &mut LoopState) {
         // Queued flush commits first: the release commit below is newer.
-        self.commit_requested(state, true);
+        self.commit_flushed(state, true);
         match self.consumer.assignment() {
             Ok(assignment) => release(&self.consumer, self.downstream.as_ref(), &assignment, false),
             Err(e) => tracing::warn!(error = %e, "cannot read the assignment at shutdown"),

@@ -71,6 +71,26 @@ impl Processor {
     }
 }
 
+/// The sum of the samples of metric `name` with `labels` that the
+/// processor's `/metrics` at `base` serves.
+pub async fn metric(base: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// One test's processor setup: its own ClickHouse database, consumer group,
 /// dead-letter topic and log directory.
 pub struct Run {
@@ -298,6 +318,10 @@ impl Run {
     /// Waits until reconcile is exact (the processor caught up); at the
     /// deadline, fails with the differences still there.
     pub async fn caught_up(&self, phase: &str) -> Report {
+        self.caught_up_within(phase, CATCH_UP).await
+    }
+
+    pub async fn caught_up_within(&self, phase: &str, deadline: Duration) -> Report {
         let started = Instant::now();
         loop {
             let report = self.reconcile().await;
@@ -310,7 +334,7 @@ impl Run {
                 );
                 return report;
             }
-            if started.elapsed() > CATCH_UP {
+            if started.elapsed() > deadline {
                 let shown: Vec<String> = report
                     .differences
                     .iter()
@@ -318,7 +342,7 @@ impl Run {
                     .map(|d| d.to_string())
                     .collect();
                 panic!(
-                    "{}: {phase}: {} differences after {CATCH_UP:?}, e.g.\n{}\n\
+                    "{}: {phase}: {} differences after {deadline:?}, e.g.\n{}\n\
                      the processors' warnings and errors:\n{}",
                     self.name,
                     report.differences.len(),
