@@ -288,6 +288,23 @@ impl Settings {
         Ok(value)
     }
 
+    /// The error for setting `name` whose value stands in the wrong
+    /// relation to setting `other`'s.
+    fn out_of_order(
+        &self,
+        (name, value): (&str, Duration),
+        relation: &str,
+        (other, bound): (&str, Duration),
+        why: &str,
+    ) -> ConfigError {
+        let text = format!(
+            "{} ms is {relation} {other} ({} ms){why}",
+            value.as_millis(),
+            bound.as_millis()
+        );
+        self.invalid(name, text)
+    }
+
     pub(crate) fn millis(
         &self,
         name: &str,
@@ -419,12 +436,12 @@ fn flush_config(s: &Settings) -> Result<FlushConfig, ConfigError> {
         min_interval: s.millis("ETL_FLUSH_MIN_INTERVAL_MS", 200, 0, 60_000)?,
     };
     if flush.min_interval > flush.interval {
-        let why = format!(
-            "{} ms is more than ETL_FLUSH_INTERVAL_MS ({} ms), which writes at least that often",
-            flush.min_interval.as_millis(),
-            flush.interval.as_millis()
-        );
-        return Err(s.invalid("ETL_FLUSH_MIN_INTERVAL_MS", why));
+        return Err(s.out_of_order(
+            ("ETL_FLUSH_MIN_INTERVAL_MS", flush.min_interval),
+            "more than",
+            ("ETL_FLUSH_INTERVAL_MS", flush.interval),
+            ", which writes at least that often",
+        ));
     }
     Ok(flush)
 }
@@ -439,12 +456,12 @@ impl Config {
         let kafka = &config.kafka;
         // librdkafka refuses a consumer whose session outlives its poll interval.
         if kafka.max_poll_interval < kafka.session_timeout {
-            let why = format!(
-                "{} ms is less than ETL_KAFKA_SESSION_TIMEOUT_MS ({} ms)",
-                kafka.max_poll_interval.as_millis(),
-                kafka.session_timeout.as_millis()
-            );
-            return Err(s.invalid("ETL_KAFKA_MAX_POLL_INTERVAL_MS", why));
+            return Err(s.out_of_order(
+                ("ETL_KAFKA_MAX_POLL_INTERVAL_MS", kafka.max_poll_interval),
+                "less than",
+                ("ETL_KAFKA_SESSION_TIMEOUT_MS", kafka.session_timeout),
+                "",
+            ));
         }
         Ok(config)
     }
@@ -712,6 +729,27 @@ mod tests {
             err,
             "setting ETL_FLUSH_MIN_INTERVAL_MS (from the environment): 800 ms is more than \
              ETL_FLUSH_INTERVAL_MS (500 ms), which writes at least that often"
+        );
+    }
+
+    #[test]
+    fn the_poll_interval_outlasts_the_session_and_gives_releases_half() {
+        let c = config(&[], None).unwrap();
+        assert_eq!(c.kafka.max_poll_interval, Duration::from_secs(300));
+        assert_eq!(c.kafka.release_deadline(), Duration::from_secs(150));
+        let err = config(
+            &[
+                ("ETL_KAFKA_MAX_POLL_INTERVAL_MS", "10000"),
+                ("ETL_KAFKA_SESSION_TIMEOUT_MS", "20000"),
+            ],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "setting ETL_KAFKA_MAX_POLL_INTERVAL_MS (from the environment): 10000 ms is less than \
+             ETL_KAFKA_SESSION_TIMEOUT_MS (20000 ms)"
         );
     }
 
