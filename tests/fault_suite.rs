@@ -2,6 +2,8 @@
 //! of a workload and ends with reconcile exact (Postgres GROUP BY = ClickHouse,
 //! to the cent) and the dead-letter topic holding exactly the poison events.
 //! The tests take the stack's components away, so they run one at a time.
+// They inject faults (ETL_FAULT_*), which only a build with the feature has.
+#![cfg(feature = "faults")]
 
 mod common;
 

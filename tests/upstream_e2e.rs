@@ -1,6 +1,8 @@
 //! What happens upstream of the processor, on the real stack: a connector
 //! that is killed and sends events again, and a source that starts over,
 //! must never be counted on silently.
+// They inject faults (ETL_FAULT_*), which only a build with the feature has.
+#![cfg(feature = "faults")]
 
 mod common;
 
