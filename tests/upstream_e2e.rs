@@ -418,6 +418,19 @@ async fn an_engine_killed_while_saving_its_offsets_goes_on_from_the_last_complet
     let topic = format!("{}.public.products", engine.prefix);
     let sent = records_in(&run, &topic, PARTITIONS);
     assert!(sent > 0, "the snapshot sent no products");
+    let engine_log = engine.dir.join("engine.log");
+    let log = || std::fs::read_to_string(&engine_log).unwrap();
+
+    // Complete offsets are taken as they are.
+    engine.start(&[]);
+    engine.streaming(&run).await;
+    engine.kill();
+    assert!(
+        !log().contains("cut short"),
+        "complete offsets taken for cut:\n{}",
+        log()
+    );
+    assert_eq!(records_in(&run, &topic, PARTITIONS), sent);
 
     // What a kill between the store's truncate and its write leaves: the
     // object stream's header alone.
@@ -425,7 +438,7 @@ async fn an_engine_killed_while_saving_its_offsets_goes_on_from_the_last_complet
     std::fs::write(&offsets, cut).unwrap();
     engine.start(&[]);
     engine.streaming(&run).await;
-    let log = std::fs::read_to_string(engine.dir.join("engine.log")).unwrap();
+    let log = log();
     assert!(log.contains("was cut short"), "the engine says so:\n{log}");
     assert_eq!(
         records_in(&run, &topic, PARTITIONS),
