@@ -154,7 +154,8 @@ class OffsetsKeeper:
     takes a file cut short for no offsets at all. An engine killed while saving would then start with a new
     snapshot after it had streamed, which the processor must stop on. So the keeper keeps a copy of the last
     complete file, and puts it back before the engine starts: older offsets only make the connector send
-    again what came after them, which the processor skips. A cut file without a copy stops start-up."""
+    again what came after them, which the processor skips. A cut file without a copy is removed, with a
+    warning: the connector then takes a new snapshot, as Kafka's store would have made it."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -192,9 +193,13 @@ class OffsetsKeeper:
             self._keep(data)
             return
         if not self.copy.exists():
-            sys.exit(f"{self.path} is cut short ({len(data)} bytes; the engine stopped while saving it) and no "
-                     f"complete copy exists: the connector would silently take a new snapshot. Delete the file "
-                     f"to take one on purpose (README, \"Rebuilding the aggregates\").")
+            # Killed before any complete save was copied: most likely during the first snapshot, which starts
+            # over either way. Had it streamed, the processor stops on the new snapshot (exit code 5).
+            log.warning("%s is cut short (%d bytes; the engine stopped while saving it) and no complete copy "
+                        "exists: the connector takes a new snapshot; if it had streamed already, the processor "
+                        "stops on that snapshot (README, \"The source started over\")", self.path, len(data))
+            self.path.unlink()
+            return
         log.warning("%s was cut short (%d bytes; the engine stopped while saving it): putting back the last "
                     "complete copy; the connector sends again what came after it", self.path, len(data))
         restored = self.copy.read_bytes()
