@@ -77,9 +77,11 @@ fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// a failure to start, or of the source. Starts its own actix system on
 /// the calling thread.
 ///
-/// After an early outcome nothing is flushed or committed any more, but
-/// the source thread is left to the process's exit: a caller that goes on
-/// must not start another run in the same consumer group meanwhile.
+/// After an early outcome the actor that met it applies, flushes and
+/// commits nothing more, and the actors stop with the actix system; what
+/// the others wrote before is correct as it is. The source thread is left
+/// to the process's exit: a caller that goes on must not start another run
+/// in the same consumer group meanwhile.
 pub fn run<S: Display>(config: Config, stop: impl Future<Output = S>) -> anyhow::Result<Outcome> {
     if config.faults.any() {
         tracing::warn!(faults = ?config.faults, "FAULT INJECTION IS ON (ETL_FAULT_*): for tests only");
