@@ -120,9 +120,9 @@ fn main() -> ExitCode {
         Command::Run { rebuild_first } => {
             let policy = config.on_started_over;
             match run(config, rebuild_first) {
-                Ok(Outcome::SourceStartedOver(_)) if policy == OnStartedOver::Rebuild => {
+                Ok(outcome @ Outcome::SourceStartedOver(_)) if policy == OnStartedOver::Rebuild => {
                     traces.shutdown();
-                    return become_a_rebuild();
+                    return become_a_rebuild(&outcome);
                 }
                 done => done.map(|outcome| ExitCode::from(outcome.exit_code())),
             }
@@ -218,7 +218,7 @@ fn run(config: Config, rebuild_first: bool) -> anyhow::Result<Outcome> {
 /// process becomes `etl-processor run --rebuild-first` in place. exec keeps
 /// its id, so its orchestrator sees it go on, and nothing of the old
 /// pipeline (its consumer included) flushes or commits again.
-fn become_a_rebuild() -> ExitCode {
+fn become_a_rebuild(outcome: &Outcome) -> ExitCode {
     use std::os::unix::process::CommandExt;
     tracing::warn!("the source started over: rebuilding the aggregates from its newest snapshot, then counting on (ETL_ON_SOURCE_STARTED_OVER=rebuild)");
     let error = match std::env::current_exe() {
@@ -229,5 +229,5 @@ fn become_a_rebuild() -> ExitCode {
     };
     tracing::error!(%error, "cannot start the rebuild");
     eprintln!("etl-processor: cannot start the rebuild: {error}");
-    ExitCode::from(Outcome::SourceStartedOver(String::new()).exit_code())
+    ExitCode::from(outcome.exit_code())
 }

@@ -284,7 +284,7 @@ impl<A: SinkTable> AggregatorActor<A> {
         }
     }
 
-    /// The source caught up with a partition: write what changed now, not
+    /// The consumer has caught up: write what changed now, not
     /// on the timer, so that a burst's last events do not wait for it; but
     /// at most once per `flush.min_interval`, so that a trickle of events
     /// does not become an insert each.
