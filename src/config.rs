@@ -22,6 +22,9 @@ pub struct Config {
     pub faults: FaultConfig,
     /// Where events that cannot be decoded go, with the reason in a header.
     pub dead_letter_topic: String,
+    /// Threads that decode partitions' batches (each partition on one of
+    /// them, so its batches stay in order).
+    pub decode_threads: usize,
     /// How long SIGTERM/SIGINT may take to flush and commit before the process
     /// exits without them (the next start replays what was not committed).
     pub shutdown_timeout: Duration,
@@ -369,6 +372,7 @@ const KNOWN: &[&str] = &[
     "ETL_KAFKA_PREFETCH_KBYTES",
     "ETL_KAFKA_MAX_POLL_INTERVAL_MS",
     "ETL_COMMIT_INTERVAL_MS",
+    "ETL_DECODE_THREADS",
     "ETL_DEAD_LETTER_TOPIC",
     "ETL_SHUTDOWN_TIMEOUT_MS",
     "ETL_ON_SOURCE_STARTED_OVER",
@@ -418,6 +422,11 @@ fn at_least(min: usize) -> impl Fn(&usize) -> Result<(), String> {
             Err(format!("must be at least {min}"))
         }
     }
+}
+
+/// One decoding thread per core the process may use.
+fn default_decode_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// librdkafka's bounds for `queued.max.messages.kbytes`.
@@ -530,6 +539,13 @@ impl Config {
                     s.string("ETL_TOPIC_PREFIX", "online_store")
                 ),
             ),
+            decode_threads: s.parsed("ETL_DECODE_THREADS", default_decode_threads(), |&n| {
+                if (1..=256).contains(&n) {
+                    Ok(())
+                } else {
+                    Err("must be between 1 and 256".into())
+                }
+            })?,
             shutdown_timeout: s.millis("ETL_SHUTDOWN_TIMEOUT_MS", 30_000, 1_000, 600_000)?,
             on_started_over: s.parsed("ETL_ON_SOURCE_STARTED_OVER", OnStartedOver::Stop, |_| {
                 Ok(())
@@ -669,6 +685,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(err, "setting ETL_FLUSH_INTERVAL_MS (from etl.toml): \"0\": must be between 10 and 60000 milliseconds");
+        let err = config(&[("ETL_DECODE_THREADS", "0")], None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "setting ETL_DECODE_THREADS (from the environment): \"0\": must be between 1 and 256"
+        );
         let err = config(&[("ETL_KAFKA_BROKERS", "localhost")], None)
             .unwrap_err()
             .to_string();

@@ -16,6 +16,7 @@ pub mod faults;
 pub mod loadgen;
 pub mod rebuild;
 pub mod reconcile;
+pub mod registry;
 pub mod replay;
 pub mod restart;
 pub mod sink;

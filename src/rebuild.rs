@@ -10,6 +10,8 @@
 //! too, since events before a partition's snapshot count as replays.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -17,13 +19,11 @@ use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::aggregate::{
-    Aggregate, AggregateState, CustomersByMinute, OrdersByMinute, ProductSales, Products,
-    SourceMark,
-};
+use crate::aggregate::{AggregateState, SourceMark};
 use crate::cdc::{Position, SnapshotId, Table};
 use crate::config::Config;
-use crate::replay::{AllAggregates, ReplaySummary};
+use crate::registry::{each_aggregate, AllAggregates, EachAggregate, EachState};
+use crate::replay::ReplaySummary;
 use crate::sink::{ClickHouseSink, SinkTable};
 use crate::source::kafka::consumer_config;
 
@@ -154,12 +154,7 @@ pub fn rebuild(config: &Config) -> anyhow::Result<Rebuilt> {
             .await
             .with_context(|| format!("creating the shadow tables in database {shadow}"))?;
         let shadow_sink = sink.in_database(&shadow);
-        let rows = vec![
-            write_all(&shadow_sink, &all.orders_by_minute).await?,
-            write_all(&shadow_sink, &all.product_sales).await?,
-            write_all(&shadow_sink, &all.customers_by_minute).await?,
-            write_all(&shadow_sink, &all.products).await?,
-        ];
+        let rows = write_every(&shadow_sink, &all).await?;
         // A processor running meanwhile would write its old state into the
         // rebuilt tables at its next flush: refuse while one is seen writing.
         if stored_ends(&sink, live, &partitions).await? != stored_before {
@@ -417,18 +412,31 @@ fn check(all: &AllAggregates, spans: &[Span]) -> anyhow::Result<SnapshotId> {
 /// The mark of every partition of every source table the aggregates hold
 /// rows or events of.
 fn marks(all: &AllAggregates) -> Vec<(Table, i32, SourceMark)> {
-    fn of<A: Aggregate>(
-        state: &AggregateState<A>,
-    ) -> impl Iterator<Item = (Table, i32, SourceMark)> + '_ {
-        state
-            .watermarks()
-            .map(|(partition, _)| (A::SOURCE, partition, state.mark(partition)))
+    struct Marks(Vec<(Table, i32, SourceMark)>);
+    impl EachState<'_> for Marks {
+        fn visit<A: SinkTable>(&mut self, state: &AggregateState<A>) {
+            let marks = state
+                .watermarks()
+                .map(|(p, _)| (A::SOURCE, p, state.mark(p)));
+            self.0.extend(marks);
+        }
     }
-    of(&all.orders_by_minute)
-        .chain(of(&all.product_sales))
-        .chain(of(&all.customers_by_minute))
-        .chain(of(&all.products))
-        .collect()
+    let mut marks = Marks(Vec::new());
+    all.each_state(&mut marks);
+    marks.0
+}
+
+/// Futures of one kind, one per aggregate, awaited in the list's order.
+struct InTurn<'a, T>(Vec<Pin<Box<dyn Future<Output = anyhow::Result<T>> + 'a>>>);
+
+impl<T> InTurn<'_, T> {
+    async fn all(self) -> anyhow::Result<Vec<T>> {
+        let mut done = Vec::with_capacity(self.0.len());
+        for future in self.0 {
+            done.push(future.await?);
+        }
+        Ok(done)
+    }
 }
 
 /// The highest offset each live table stores from each of `partitions`
@@ -439,13 +447,27 @@ async fn stored_ends(
     database: &str,
     partitions: &[i32],
 ) -> anyhow::Result<Vec<Vec<(i32, i64)>>> {
+    struct Ends<'a> {
+        sink: &'a ClickHouseSink,
+        present: &'a [String],
+        partitions: &'a [i32],
+        ends: InTurn<'a, Vec<(i32, i64)>>,
+    }
+    impl EachAggregate for Ends<'_> {
+        fn visit<A: SinkTable>(&mut self) {
+            let end = stored_end::<A>(self.sink, self.present, self.partitions);
+            self.ends.0.push(Box::pin(end));
+        }
+    }
     let present = sink.tables(database).await?;
-    Ok(vec![
-        stored_end::<OrdersByMinute>(sink, &present, partitions).await?,
-        stored_end::<ProductSales>(sink, &present, partitions).await?,
-        stored_end::<CustomersByMinute>(sink, &present, partitions).await?,
-        stored_end::<Products>(sink, &present, partitions).await?,
-    ])
+    let mut ends = Ends {
+        sink,
+        present: &present,
+        partitions,
+        ends: InTurn(Vec::new()),
+    };
+    each_aggregate(&mut ends);
+    ends.ends.all().await
 }
 
 async fn stored_end<A: SinkTable>(
@@ -459,6 +481,23 @@ async fn stored_end<A: SinkTable>(
     let mut ends = sink.highest_offsets::<A>(partitions).await?;
     ends.sort_unstable();
     Ok(ends)
+}
+
+/// Writes every aggregate's rows into `sink`'s tables ([`write_all`]), one
+/// table after another.
+async fn write_every(
+    sink: &ClickHouseSink,
+    all: &AllAggregates,
+) -> anyhow::Result<Vec<(&'static str, usize)>> {
+    struct Writes<'a>(&'a ClickHouseSink, InTurn<'a, (&'static str, usize)>);
+    impl<'a> EachState<'a> for Writes<'a> {
+        fn visit<A: SinkTable>(&mut self, state: &'a AggregateState<A>) {
+            self.1 .0.push(Box::pin(write_all(self.0, state)));
+        }
+    }
+    let mut writes = Writes(sink, InTurn(Vec::new()));
+    all.each_state(&mut writes);
+    writes.1.all().await
 }
 
 /// Writes every row of `state` into `sink`'s table for it, and checks that

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::aggregate::{Aggregate, CustomersByMinute, OrdersByMinute, ProductSales, Products};
 use crate::cdc::{Minute, Table};
+use crate::registry::aggregate_of;
 use crate::replay::money;
 use crate::sink::ClickHouseSink;
 
@@ -161,19 +162,6 @@ impl fmt::Display for ReplicaIdentityWarning {
             table.replica_identity_fix()
         )
     }
-}
-
-/// The aggregate a source table feeds.
-fn aggregate_of(table: Table) -> &'static str {
-    [
-        (OrdersByMinute::SOURCE, OrdersByMinute::NAME),
-        (ProductSales::SOURCE, ProductSales::NAME),
-        (CustomersByMinute::SOURCE, CustomersByMinute::NAME),
-        (Products::SOURCE, Products::NAME),
-    ]
-    .into_iter()
-    .find_map(|(source, name)| (source == table).then_some(name))
-    .expect("every captured table feeds an aggregate")
 }
 
 /// The warnings for the captured tables' replica identities, given as

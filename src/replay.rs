@@ -13,59 +13,12 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::aggregate::{
-    Aggregate, AggregateState, Applied, CustomersByMinute, OrdersByMinute, ProductSales, Products,
-    Unplaceable,
-};
-use crate::cdc::{self, DecodeError, Decoded, Origin, SnapshotId, Table, TableChange};
+use crate::aggregate::{Aggregate, CustomersByMinute, OrdersByMinute, ProductSales, Unplaceable};
+use crate::cdc::{self, DecodeError, Decoded, Table};
+pub use crate::registry::AllAggregates;
 use crate::telemetry;
 
-/// The state of every aggregate, fed from one stream of events.
-#[derive(Default)]
-pub struct AllAggregates {
-    pub orders_by_minute: AggregateState<OrdersByMinute>,
-    pub product_sales: AggregateState<ProductSales>,
-    pub customers_by_minute: AggregateState<CustomersByMinute>,
-    pub products: AggregateState<Products>,
-}
-
 impl AllAggregates {
-    /// Every aggregate counting a whole log again, from its newest snapshot
-    /// ([`AggregateState::rebuilding`]).
-    pub fn rebuilding() -> Self {
-        AllAggregates {
-            orders_by_minute: AggregateState::rebuilding(),
-            product_sales: AggregateState::rebuilding(),
-            customers_by_minute: AggregateState::rebuilding(),
-            products: AggregateState::rebuilding(),
-        }
-    }
-
-    /// The newest snapshot any table's rows start from.
-    pub fn newest_snapshot(&self) -> SnapshotId {
-        [
-            self.orders_by_minute.latest_snapshot(),
-            self.product_sales.latest_snapshot(),
-            self.customers_by_minute.latest_snapshot(),
-            self.products.latest_snapshot(),
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or_default()
-    }
-
-    /// Whether every partition of every aggregate reached the newest
-    /// snapshot ([`AggregateState::rebuilt`]). One snapshot covers every
-    /// table, so a table whose rows start from an older one had no rows at
-    /// all in the newest: its rows are what the snapshot replaced.
-    pub fn rebuilt(&self) -> Result<(), Unplaceable> {
-        let newest = self.newest_snapshot().lsn;
-        self.orders_by_minute.rebuilt(newest)?;
-        self.product_sales.rebuilt(newest)?;
-        self.customers_by_minute.rebuilt(newest)?;
-        self.products.rebuilt(newest)
-    }
-
     /// Decodes one event of `table` and applies it, counting what it was in
     /// `summary`. An event that does not decode is returned, for the caller
     /// to report as the pipeline's dead letter; one that cannot be placed
@@ -95,22 +48,6 @@ impl AllAggregates {
             }
         }
         Ok(None)
-    }
-
-    pub fn apply(
-        &mut self,
-        partition: i32,
-        offset: i64,
-        origin: Origin,
-        change: &TableChange,
-    ) -> Result<Applied, Unplaceable> {
-        let (p, o) = (partition, offset);
-        match change {
-            TableChange::Order(_) => self.orders_by_minute.apply(p, o, origin, change),
-            TableChange::OrderItem(_) => self.product_sales.apply(p, o, origin, change),
-            TableChange::Customer(_) => self.customers_by_minute.apply(p, o, origin, change),
-            TableChange::Product(_) => self.products.apply(p, o, origin, change),
-        }
     }
 
     /// The report lines: aggregates in name order, keys ascending, rows whose

@@ -425,19 +425,14 @@ async fn panics_past_the_intensity_limit_exit_non_zero() {
         "{}",
         gave_up[0]
     );
-    let actor = [
-        "orders_by_minute",
-        "product_sales",
-        "customers_by_minute",
-        "products",
-    ]
-    .into_iter()
-    .map(|name| format!("aggregator {name}"))
-    .find(|actor| {
-        gave_up[0].contains(&format!("actor={actor} "))
-            || gave_up[0].ends_with(&format!("actor={actor}"))
-    })
-    .expect("the line names the actor");
+    let actor = etl::registry::names()
+        .into_iter()
+        .map(|name| format!("aggregator {name}"))
+        .find(|actor| {
+            gave_up[0].contains(&format!("actor={actor} "))
+                || gave_up[0].ends_with(&format!("actor={actor}"))
+        })
+        .expect("the line names the actor");
     assert_eq!(
         restarts_of(&log, &actor),
         3,

@@ -257,12 +257,7 @@ async fn metrics_health_and_traces_of_a_workload() {
             "no {kind} restarted in this run"
         );
     }
-    for aggregate in [
-        "orders_by_minute",
-        "product_sales",
-        "customers_by_minute",
-        "products",
-    ] {
+    for aggregate in etl::registry::names() {
         let with = [("aggregate", aggregate)];
         assert!(
             sum(&samples, "etl_rows_flushed_total", &with) > 0.0,

@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,10 +12,10 @@ use super::aggregator::{Acquire, Acquired, AggregatorActor, ApplyChanges, Lease,
 use super::partition::{Decode, Drain, Inflight, PartitionActor, SetLease};
 use super::sink::SinkActor;
 use super::supervisor::{Route, Supervised, Supervision};
-use crate::aggregate::{CustomersByMinute, OrdersByMinute, ProductSales, Products};
 use crate::cdc::Table;
 use crate::config::{Config, SupervisionConfig};
 use crate::faults::FaultConfig;
+use crate::registry::{each_aggregate, EachAggregate};
 use crate::restart::ActorKind;
 use crate::sink::{ClickHouseSink, DeadLetters, SinkTable};
 use crate::source::{continuity, CommitRequest, Downstream, RecordBatch, Rewind};
@@ -40,8 +41,11 @@ pub struct Pipeline {
     /// The partition actors, by (topic, partition). Written by the rebalance
     /// hooks and read by the poll loop.
     partitions: DashMap<(String, i32), Supervised<PartitionActor>>,
-    /// Decoding runs on its own thread, beside the aggregators.
-    decoders: ArbiterHandle,
+    /// The decoding threads, beside the aggregators' one. A partition's
+    /// actor stays on the thread it started on, so its batches keep their
+    /// order; partitions are dealt out in turn.
+    decoders: Vec<ArbiterHandle>,
+    next_decoder: AtomicUsize,
     /// The aggregators' thread, where releases run.
     arbiter: ArbiterHandle,
     /// How long revoked partitions may take to flush before they count as
@@ -78,24 +82,24 @@ impl Pipeline {
     pub fn start(config: &Config, wiring: Wiring) -> Pipeline {
         let faults = Arc::new(config.faults.clone());
         let here = Arbiter::current();
-        let starter = Starter {
+        let mut starter = Starter {
+            started: HashMap::new(),
             config,
             wiring: &wiring,
             faults: &faults,
             arbiter: &here,
         };
-        let aggregators = HashMap::from([
-            (Table::Orders, starter.aggregator::<OrdersByMinute>()),
-            (Table::OrderItems, starter.aggregator::<ProductSales>()),
-            (Table::Customers, starter.aggregator::<CustomersByMinute>()),
-            (Table::Products, starter.aggregator::<Products>()),
-        ]);
+        each_aggregate(&mut starter);
+        let aggregators = starter.started;
         Pipeline {
             topic_prefix: config.kafka.topic_prefix.clone(),
             group: config.kafka.group_id.clone(),
             aggregators,
             partitions: DashMap::new(),
-            decoders: Arbiter::new().handle(),
+            decoders: (0..config.decode_threads)
+                .map(|_| Arbiter::new().handle())
+                .collect(),
+            next_decoder: AtomicUsize::new(0),
             arbiter: here,
             release_deadline: config.kafka.release_deadline(),
             supervision: wiring.supervision,
@@ -164,8 +168,9 @@ impl Pipeline {
         );
         let rewinds = self.rewinds.clone();
         let rewind_topic = topic.to_owned();
+        let turn = self.next_decoder.fetch_add(1, Ordering::Relaxed);
         let actor = self.supervision.start(
-            &self.decoders,
+            &self.decoders[turn % self.decoders.len()],
             ActorKind::Partition,
             format!("partition {topic}/{partition}"),
             self.policies.partition,
@@ -195,12 +200,20 @@ impl Pipeline {
     }
 }
 
-/// Builds a table's supervised sink and aggregator.
+/// Builds each table's supervised sink and aggregator.
 struct Starter<'a> {
+    started: HashMap<Table, AggregatorHandle>,
     config: &'a Config,
     wiring: &'a Wiring,
     faults: &'a Arc<FaultConfig>,
     arbiter: &'a ArbiterHandle,
+}
+
+impl EachAggregate for Starter<'_> {
+    fn visit<A: SinkTable>(&mut self) {
+        let handle = self.aggregator::<A>();
+        self.started.insert(A::SOURCE, handle);
+    }
 }
 
 impl Starter<'_> {

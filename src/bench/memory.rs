@@ -335,12 +335,7 @@ async fn live_keys(config: &Config, db: &str) -> anyhow::Result<LiveKeys> {
         .fetch_one()
         .await?;
     let mut rows = 0;
-    for table in [
-        "orders_by_minute",
-        "product_sales",
-        "customers_by_minute",
-        "products",
-    ] {
+    for table in crate::registry::names() {
         let n: u64 = sink
             .client()
             .query(&format!("SELECT count() FROM {db}.{table} FINAL"))

@@ -90,6 +90,16 @@ impl fmt::Display for Table {
 }
 
 impl TableChange {
+    /// The source table the change is of.
+    pub fn table(&self) -> Table {
+        match self {
+            TableChange::Customer(_) => Table::Customers,
+            TableChange::Product(_) => Table::Products,
+            TableChange::Order(_) => Table::Orders,
+            TableChange::OrderItem(_) => Table::OrderItems,
+        }
+    }
+
     pub fn op(&self) -> Op {
         match self {
             TableChange::Customer(c) => c.op,
