@@ -11,7 +11,7 @@ use anyhow::Context as _;
 
 use crate::actors::{Fatal, Pipeline, Supervision, Wiring};
 use crate::config::Config;
-use crate::sink::{ClickHouseSink, DeadLetters};
+use crate::sink::{ClickHouseSink, DeadLetters, Store};
 use crate::source::{KafkaSource, LogStartedOver};
 
 /// How a run ended. The binary maps each to its exit code (the README,
@@ -83,11 +83,7 @@ fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// to the process's exit: a caller that goes on must not start another run
 /// in the same consumer group meanwhile.
 pub fn run<S: Display>(config: Config, stop: impl Future<Output = S>) -> anyhow::Result<Outcome> {
-    if config.faults.any() {
-        tracing::warn!(faults = ?config.faults, "FAULT INJECTION IS ON (ETL_FAULT_*): for tests only");
-    }
-    let system = actix::System::with_tokio_rt(|| tokio_runtime().expect("tokio runtime"));
-    system.block_on(async move {
+    in_actix_system(async move {
         if let Some(addr) = config.telemetry.metrics_addr {
             let metrics = crate::telemetry::metrics::install()?;
             let bound = crate::telemetry::http::serve(addr, metrics)
@@ -108,60 +104,96 @@ pub fn run<S: Display>(config: Config, stop: impl Future<Output = S>) -> anyhow:
             .await
             .context("adding the schema's new columns to the analytics tables")?;
         if !added.is_empty() {
-            tracing::warn!(?added, "added the columns this release needs to tables created by an older one");
+            tracing::warn!(
+                ?added,
+                "added the columns this release needs to tables created by an older one"
+            );
         }
-        let dead_letters = DeadLetters::new(&config.kafka.brokers, &config.dead_letter_topic)
-            .context("creating the dead-letter producer (setting ETL_KAFKA_BROKERS)")?;
-        let (commits, commits_rx) = std::sync::mpsc::channel();
-        let (rewinds, rewinds_rx) = std::sync::mpsc::channel();
-        let (fatal, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel();
-        let wiring = Wiring {
-            sink,
-            dead_letters,
-            supervision: Supervision::new(fatal),
-            commits,
-            rewinds,
-        };
-        let pipeline = Arc::new(Pipeline::start(&config, wiring));
-        let source = KafkaSource::new(&config.kafka, pipeline, commits_rx, rewinds_rx)?;
+        process(config, sink, stop).await
+    })
+}
 
-        crate::telemetry::started();
-        let stop_flag = Arc::new(AtomicBool::new(false));
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let source_stop = stop_flag.clone();
-        std::thread::Builder::new().name("kafka-source".into()).spawn(move || {
-            let _ = done_tx.send(source.run(&source_stop));
-        })?;
+/// [`run`] with the aggregates in `store` instead of ClickHouse, and
+/// without serving metrics: the runtime's in-process tests.
+pub fn run_with_store<St: Store, S: Display>(
+    config: Config,
+    store: St,
+    stop: impl Future<Output = S>,
+) -> anyhow::Result<Outcome> {
+    in_actix_system(process(config, store, stop))
+}
 
-        tokio::pin!(done_rx);
-        let source_died = || {
-            tracing::error!("the Kafka source thread panicked; stopping");
-            Outcome::Escalated("the Kafka source thread panicked".to_owned())
-        };
-        let outcome = tokio::select! {
-            signal = stop => {
-                tracing::info!(%signal, bound = ?config.shutdown_timeout, "shutting down: flushing and committing");
-                crate::telemetry::stopping();
-                stop_flag.store(true, Ordering::Relaxed);
-                match tokio::time::timeout(config.shutdown_timeout, &mut done_rx).await {
-                    Ok(Ok(done)) => source_ended(done),
-                    Ok(Err(_)) => Ok(source_died()),
-                    Err(_) => {
-                        tracing::error!(bound = ?config.shutdown_timeout, "shutdown did not finish in time (setting ETL_SHUTDOWN_TIMEOUT_MS); stopping without the last flush: the next start replays it");
-                        Ok(Outcome::ShutdownTimedOut)
-                    }
-                }
-            }
-            Some(fatal) = fatal_rx.recv() => Ok(ended_by(fatal)),
-            done = &mut done_rx => done.map_or_else(|_| Ok(source_died()), source_ended),
-        };
-        crate::telemetry::log_summary();
-        if let Ok(outcome) = &outcome {
-            tracing::info!(code = outcome.exit_code(), "the run ends: {outcome:?}");
-        }
+fn in_actix_system(run: impl Future<Output = anyhow::Result<Outcome>>) -> anyhow::Result<Outcome> {
+    let system = actix::System::with_tokio_rt(|| tokio_runtime().expect("tokio runtime"));
+    system.block_on(async move {
+        let outcome = run.await;
         actix::System::current().stop();
         outcome
     })
+}
+
+/// The pipeline from the Kafka source into `store`, until `stop` or an
+/// early outcome.
+async fn process<St: Store, S: Display>(
+    config: Config,
+    store: St,
+    stop: impl Future<Output = S>,
+) -> anyhow::Result<Outcome> {
+    if config.faults.any() {
+        tracing::warn!(faults = ?config.faults, "FAULT INJECTION IS ON (ETL_FAULT_*): for tests only");
+    }
+    let dead_letters = DeadLetters::new(&config.kafka.brokers, &config.dead_letter_topic)
+        .context("creating the dead-letter producer (setting ETL_KAFKA_BROKERS)")?;
+    let (commits, commits_rx) = std::sync::mpsc::channel();
+    let (rewinds, rewinds_rx) = std::sync::mpsc::channel();
+    let (fatal, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel();
+    let wiring = Wiring {
+        sink: store,
+        dead_letters,
+        supervision: Supervision::new(fatal),
+        commits,
+        rewinds,
+    };
+    let pipeline = Arc::new(Pipeline::start(&config, wiring));
+    let source = KafkaSource::new(&config.kafka, pipeline, commits_rx, rewinds_rx)?;
+
+    crate::telemetry::started();
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let source_stop = stop_flag.clone();
+    std::thread::Builder::new()
+        .name("kafka-source".into())
+        .spawn(move || {
+            let _ = done_tx.send(source.run(&source_stop));
+        })?;
+
+    tokio::pin!(done_rx);
+    let source_died = || {
+        tracing::error!("the Kafka source thread panicked; stopping");
+        Outcome::Escalated("the Kafka source thread panicked".to_owned())
+    };
+    let outcome = tokio::select! {
+        signal = stop => {
+            tracing::info!(%signal, bound = ?config.shutdown_timeout, "shutting down: flushing and committing");
+            crate::telemetry::stopping();
+            stop_flag.store(true, Ordering::Relaxed);
+            match tokio::time::timeout(config.shutdown_timeout, &mut done_rx).await {
+                Ok(Ok(done)) => source_ended(done),
+                Ok(Err(_)) => Ok(source_died()),
+                Err(_) => {
+                    tracing::error!(bound = ?config.shutdown_timeout, "shutdown did not finish in time (setting ETL_SHUTDOWN_TIMEOUT_MS); stopping without the last flush: the next start replays it");
+                    Ok(Outcome::ShutdownTimedOut)
+                }
+            }
+        }
+        Some(fatal) = fatal_rx.recv() => Ok(ended_by(fatal)),
+        done = &mut done_rx => done.map_or_else(|_| Ok(source_died()), source_ended),
+    };
+    crate::telemetry::log_summary();
+    if let Ok(outcome) = &outcome {
+        tracing::info!(code = outcome.exit_code(), "the run ends: {outcome:?}");
+    }
+    outcome
 }
 
 /// The source thread's end: a log that started over is an outcome of its

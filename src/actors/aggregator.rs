@@ -15,7 +15,7 @@ use crate::cdc::{Origin, TableChange};
 use crate::config::FlushConfig;
 use crate::faults::{FaultConfig, PanicInjector};
 use crate::restart::ActorKind;
-use crate::sink::{ClickHouseSink, SinkTable};
+use crate::sink::{SinkTable, Store};
 use crate::source::CommitRequest;
 use crate::telemetry::{self, metrics, traces, Queued};
 use opentelemetry::trace::SpanContext;
@@ -84,12 +84,12 @@ pub struct Release {
 }
 
 /// Owns one aggregate's state over the partitions this process holds.
-pub struct AggregatorActor<A: SinkTable> {
+pub struct AggregatorActor<A: SinkTable, S: Store> {
     topic: String,
     state: AggregateState<A>,
     /// For loading partitions; writes go through `writer`.
-    sink: ClickHouseSink,
-    writer: Supervised<SinkActor<A>>,
+    sink: S,
+    writer: Supervised<SinkActor<A, S>>,
     flush: FlushConfig,
     commits: Sender<CommitRequest>,
     supervision: Supervision,
@@ -134,11 +134,11 @@ struct InFlight<A: SinkTable> {
     outcome: tokio::sync::oneshot::Receiver<Result<Duration, WriteFailed>>,
 }
 
-impl<A: SinkTable> AggregatorActor<A> {
+impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
     pub fn new(
         topic: String,
-        sink: ClickHouseSink,
-        writer: Supervised<SinkActor<A>>,
+        sink: S,
+        writer: Supervised<SinkActor<A, S>>,
         flush: FlushConfig,
         commits: Sender<CommitRequest>,
         supervision: Supervision,
@@ -349,13 +349,13 @@ enum WriteFailed {
 /// partition); whichever sees the outcome first finishes the flush.
 struct Settled;
 
-impl<A: SinkTable> ActorFuture<AggregatorActor<A>> for Settled {
+impl<A: SinkTable, S: Store> ActorFuture<AggregatorActor<A, S>> for Settled {
     type Output = ();
 
     fn poll(
         self: Pin<&mut Self>,
-        act: &mut AggregatorActor<A>,
-        _: &mut Context<AggregatorActor<A>>,
+        act: &mut AggregatorActor<A, S>,
+        _: &mut Context<AggregatorActor<A, S>>,
         task: &mut std::task::Context<'_>,
     ) -> Poll<()> {
         let Some(flight) = act.in_flight.as_mut() else {
@@ -370,7 +370,7 @@ impl<A: SinkTable> ActorFuture<AggregatorActor<A>> for Settled {
     }
 }
 
-impl<A: SinkTable> Actor for AggregatorActor<A> {
+impl<A: SinkTable, S: Store> Actor for AggregatorActor<A, S> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
@@ -378,7 +378,7 @@ impl<A: SinkTable> Actor for AggregatorActor<A> {
     }
 }
 
-impl<A: SinkTable> Handler<ApplyChanges> for AggregatorActor<A> {
+impl<A: SinkTable, S: Store> Handler<ApplyChanges> for AggregatorActor<A, S> {
     type Result = Result<(), Refused>;
 
     fn handle(&mut self, batch: ApplyChanges, ctx: &mut Self::Context) -> Self::Result {
@@ -435,7 +435,7 @@ impl<A: SinkTable> Handler<ApplyChanges> for AggregatorActor<A> {
     }
 }
 
-impl<A: SinkTable> Handler<Acquire> for AggregatorActor<A> {
+impl<A: SinkTable, S: Store> Handler<Acquire> for AggregatorActor<A, S> {
     type Result = AtomicResponse<Self, Result<Vec<Acquired>, String>>;
 
     fn handle(&mut self, Acquire { partitions }: Acquire, _: &mut Self::Context) -> Self::Result {
@@ -493,7 +493,7 @@ impl<A: SinkTable> Handler<Acquire> for AggregatorActor<A> {
     }
 }
 
-impl<A: SinkTable> Handler<Release> for AggregatorActor<A> {
+impl<A: SinkTable, S: Store> Handler<Release> for AggregatorActor<A, S> {
     type Result = AtomicResponse<Self, Vec<(i32, i64)>>;
 
     fn handle(
@@ -553,5 +553,128 @@ impl<A: SinkTable> Handler<Release> for AggregatorActor<A> {
                     commits
                 }),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rust_decimal::Decimal;
+
+    use super::*;
+    use crate::actors::supervisor::Supervised;
+    use crate::aggregate::Products;
+    use crate::cdc::{Change, Op, Product, SnapshotId};
+    use crate::restart::RestartPolicy;
+    use crate::sink::MemoryStore;
+
+    fn created(id: i64) -> TableChange {
+        TableChange::Product(Change {
+            op: Op::Create,
+            before: None,
+            after: Some(Product {
+                id,
+                name: format!("product {id}"),
+                category: "toys".into(),
+                price: Decimal::new(1999, 2),
+            }),
+        })
+    }
+
+    fn batch(lease: Lease, offset: i64, id: i64) -> ApplyChanges {
+        let snapshot = Origin::Snapshot(SnapshotId {
+            lsn: 1,
+            started_ms: 1,
+        });
+        ApplyChanges {
+            partition: 0,
+            lease,
+            last_offset: offset,
+            caught_up: false,
+            changes: vec![(offset, snapshot, created(id))],
+            newest_committed_ms: None,
+            queued: telemetry::Mailbox::named("aggregator test").enqueued(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    /// A products aggregator over `store`, with its sink, as the pipeline
+    /// starts them.
+    fn start(store: &MemoryStore) -> Addr<AggregatorActor<Products, MemoryStore>> {
+        let (fatal, _) = tokio::sync::mpsc::unbounded_channel();
+        let supervision = Supervision::new(fatal);
+        let faults: Arc<FaultConfig> = Arc::default();
+        let here = Arbiter::current();
+        let (sink, sink_faults) = (store.clone(), faults.clone());
+        let writer = supervision.start(
+            &here,
+            ActorKind::Sink,
+            "sink products".into(),
+            RestartPolicy::default_for(ActorKind::Sink),
+            move |_| SinkActor::<Products, MemoryStore>::new(sink.clone(), sink_faults.clone()),
+            || {},
+        );
+        let (commits, _) = std::sync::mpsc::channel();
+        let flush = FlushConfig {
+            interval: Duration::from_secs(60),
+            max_rows: 1_000,
+            min_interval: Duration::ZERO,
+        };
+        let (store, own) = (store.clone(), supervision.clone());
+        let aggregator: Supervised<AggregatorActor<Products, MemoryStore>> = supervision.start(
+            &here,
+            ActorKind::Aggregator,
+            "aggregator products".into(),
+            RestartPolicy::default_for(ActorKind::Aggregator),
+            move |_| {
+                AggregatorActor::new(
+                    "test.public.products".into(),
+                    store.clone(),
+                    writer.clone(),
+                    flush.clone(),
+                    commits.clone(),
+                    own.clone(),
+                    &faults,
+                )
+            },
+            || {},
+        );
+        aggregator.addr().expect("the aggregator runs")
+    }
+
+    #[test]
+    fn a_batch_under_a_lease_from_before_a_rewind_is_refused_and_stores_nothing() {
+        actix::System::new().block_on(async {
+            let store = MemoryStore::default();
+            let aggregator = start(&store);
+            let acquire = || {
+                aggregator.send(Acquire {
+                    partitions: vec![0],
+                })
+            };
+            let old = acquire().await.unwrap().unwrap()[0].lease;
+            // The rewind: the partition is loaded again under a new lease.
+            let new = acquire().await.unwrap().unwrap()[0].lease;
+            assert_ne!(old, new);
+
+            let stale = aggregator.send(batch(old, 0, 7)).await.unwrap();
+            assert!(matches!(stale, Err(Refused::StaleLease)), "{stale:?}");
+            aggregator.send(batch(new, 1, 8)).await.unwrap().unwrap();
+
+            let commits = aggregator
+                .send(Release {
+                    partitions: vec![0],
+                    lost: false,
+                })
+                .await
+                .unwrap();
+            assert_eq!(commits, [(0, 2)]);
+            let stored: Vec<(i64, i64)> = store
+                .rows::<Products>()
+                .iter()
+                .map(|row| (row.key, row.offset))
+                .collect();
+            // Product 8 from the current lease's batch; nothing of product 7.
+            assert_eq!(stored, [(8, 1)]);
+        });
     }
 }

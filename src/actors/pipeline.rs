@@ -17,7 +17,7 @@ use crate::config::{Config, SupervisionConfig};
 use crate::faults::FaultConfig;
 use crate::registry::{each_aggregate, EachAggregate};
 use crate::restart::ActorKind;
-use crate::sink::{ClickHouseSink, DeadLetters, SinkTable};
+use crate::sink::{DeadLetters, SinkTable, Store};
 use crate::source::{continuity, CommitRequest, Downstream, RecordBatch, Rewind};
 use crate::telemetry::{self, metrics, traces};
 
@@ -68,8 +68,9 @@ const ACQUIRE_ATTEMPTS: u32 = 5;
 const ACQUIRE_FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 /// What the pipeline needs from its surroundings.
-pub struct Wiring {
-    pub sink: ClickHouseSink,
+pub struct Wiring<S: Store> {
+    /// Where the aggregates are stored.
+    pub sink: S,
     pub dead_letters: DeadLetters,
     pub supervision: Supervision,
     pub commits: Sender<CommitRequest>,
@@ -79,7 +80,7 @@ pub struct Wiring {
 impl Pipeline {
     /// Starts one supervised aggregator (with its sink) per table. Must run
     /// inside the actix system.
-    pub fn start(config: &Config, wiring: Wiring) -> Pipeline {
+    pub fn start<S: Store>(config: &Config, wiring: Wiring<S>) -> Pipeline {
         let faults = Arc::new(config.faults.clone());
         let here = Arbiter::current();
         let mut starter = Starter {
@@ -201,22 +202,22 @@ impl Pipeline {
 }
 
 /// Builds each table's supervised sink and aggregator.
-struct Starter<'a> {
+struct Starter<'a, S: Store> {
     started: HashMap<Table, AggregatorHandle>,
     config: &'a Config,
-    wiring: &'a Wiring,
+    wiring: &'a Wiring<S>,
     faults: &'a Arc<FaultConfig>,
     arbiter: &'a ArbiterHandle,
 }
 
-impl EachAggregate for Starter<'_> {
+impl<S: Store> EachAggregate for Starter<'_, S> {
     fn visit<A: SinkTable>(&mut self) {
         let handle = self.aggregator::<A>();
         self.started.insert(A::SOURCE, handle);
     }
 }
 
-impl Starter<'_> {
+impl<S: Store> Starter<'_, S> {
     fn aggregator<A: SinkTable>(&self) -> AggregatorHandle {
         let topic = A::SOURCE.topic(&self.config.kafka.topic_prefix);
         let policies = &self.config.supervision;
@@ -226,7 +227,7 @@ impl Starter<'_> {
             ActorKind::Sink,
             format!("sink {}", A::NAME),
             policies.sink,
-            move |_| SinkActor::<A>::new(sink.clone(), faults.clone()),
+            move |_| SinkActor::<A, S>::new(sink.clone(), faults.clone()),
             // Stateless: the flush it failed stays dirty and is retried.
             || {},
         );
@@ -234,13 +235,13 @@ impl Starter<'_> {
         let (flush, commits) = (self.config.flush.clone(), self.wiring.commits.clone());
         let supervision = self.wiring.supervision.clone();
         let (rewinds, rewind_topic) = (self.wiring.rewinds.clone(), topic.clone());
-        let aggregator: Supervised<AggregatorActor<A>> = self.wiring.supervision.start(
+        let aggregator: Supervised<AggregatorActor<A, S>> = self.wiring.supervision.start(
             self.arbiter,
             ActorKind::Aggregator,
             format!("aggregator {}", A::NAME),
             policies.aggregator,
             move |_| {
-                AggregatorActor::<A>::new(
+                AggregatorActor::<A, S>::new(
                     topic.clone(),
                     sink.clone(),
                     writer.clone(),

@@ -7,7 +7,7 @@ use actix::prelude::*;
 use crate::aggregate::StoredRow;
 use crate::faults::{FaultConfig, PanicInjector};
 use crate::restart::ActorKind;
-use crate::sink::{ClickHouseSink, SinkError, SinkTable};
+use crate::sink::{SinkError, SinkTable, Store};
 use crate::telemetry::{self, Queued};
 use tracing::Instrument;
 
@@ -28,8 +28,8 @@ impl<A: SinkTable> Message for Write<A> {
 /// slow it retries with backoff and does not answer; its aggregator then
 /// stops taking batches at its next flush, which holds the partitions
 /// feeding it: that is the backpressure that pauses the consumer.
-pub struct SinkActor<A: SinkTable> {
-    sink: ClickHouseSink,
+pub struct SinkActor<A: SinkTable, S: Store> {
+    sink: S,
     faults: Arc<FaultConfig>,
     panics: PanicInjector,
     _aggregate: PhantomData<A>,
@@ -39,8 +39,8 @@ pub struct SinkActor<A: SinkTable> {
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-impl<A: SinkTable> SinkActor<A> {
-    pub fn new(sink: ClickHouseSink, faults: Arc<FaultConfig>) -> Self {
+impl<A: SinkTable, S: Store> SinkActor<A, S> {
+    pub fn new(sink: S, faults: Arc<FaultConfig>) -> Self {
         SinkActor {
             sink,
             panics: PanicInjector::new(&faults, ActorKind::Sink),
@@ -50,11 +50,11 @@ impl<A: SinkTable> SinkActor<A> {
     }
 }
 
-impl<A: SinkTable> Actor for SinkActor<A> {
+impl<A: SinkTable, S: Store> Actor for SinkActor<A, S> {
     type Context = Context<Self>;
 }
 
-impl<A: SinkTable> Handler<Write<A>> for SinkActor<A> {
+impl<A: SinkTable, S: Store> Handler<Write<A>> for SinkActor<A, S> {
     type Result = ResponseFuture<Result<(), SinkError>>;
 
     fn handle(&mut self, write: Write<A>, _: &mut Self::Context) -> Self::Result {

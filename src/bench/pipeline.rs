@@ -72,14 +72,14 @@ pub struct Args {
 }
 
 /// librdkafka's mock cluster, owned by an idle producer (the cluster lives
-/// as long as it does).
-pub(super) struct MockBroker {
+/// as long as it does). The runtime's in-process tests use it too.
+pub struct MockBroker {
     owner: BaseProducer,
-    pub(super) bootstrap: String,
+    pub bootstrap: String,
 }
 
 impl MockBroker {
-    pub(super) fn start() -> anyhow::Result<MockBroker> {
+    pub fn start() -> anyhow::Result<MockBroker> {
         let owner: BaseProducer = ClientConfig::new()
             .set("test.mock.num.brokers", "1")
             .create()
@@ -100,7 +100,7 @@ impl MockBroker {
         Ok(MockBroker { owner, bootstrap })
     }
 
-    pub(super) fn create_topic(&self, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> anyhow::Result<()> {
         self.owner
             .client()
             .mock_cluster()

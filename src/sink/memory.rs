@@ -1,0 +1,189 @@
+//! An aggregate store in memory, for the runtime's in-process tests: the
+//! same semantics as the ClickHouse tables, plus switches a test holds to
+//! make writes wait.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+
+use super::store::{Rows, Store};
+use super::{SinkError, SinkTable};
+use crate::aggregate::{Aggregate, StoredRow};
+
+/// Cheap to clone: every clone is the same store, writing through the
+/// same gate. [`MemoryStore::another_writer`] shares the tables with a gate
+/// of its own: two processors on one store, each held on its own.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    /// Per aggregate, a `Table<A>`.
+    tables: Arc<Mutex<HashMap<&'static str, Box<dyn Any + Send>>>>,
+    gate: Arc<Gate>,
+}
+
+struct Gate {
+    /// False while a test holds the writes.
+    open: watch::Sender<bool>,
+    /// Writes waiting for the gate to open.
+    waiting: AtomicUsize,
+    /// Writes stored through the gate.
+    writes: AtomicUsize,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            open: watch::Sender::new(true),
+            waiting: AtomicUsize::new(0),
+            writes: AtomicUsize::new(0),
+        }
+    }
+}
+
+type Row<A> = StoredRow<<A as Aggregate>::Key, <A as Aggregate>::Value>;
+
+/// One aggregate's rows as FINAL reads them (the highest offset of each
+/// (key, partition)), and the highest offset ever written per partition.
+struct Table<A: Aggregate> {
+    rows: HashMap<(A::Key, i32), Row<A>>,
+    highest: HashMap<i32, i64>,
+}
+
+impl<A: Aggregate> Default for Table<A> {
+    fn default() -> Self {
+        Table {
+            rows: HashMap::new(),
+            highest: HashMap::new(),
+        }
+    }
+}
+
+/// Writes wait while this is held.
+pub struct HeldWrites(watch::Sender<bool>);
+
+impl Drop for HeldWrites {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl MemoryStore {
+    /// The same tables, written through a gate of its own.
+    pub fn another_writer(&self) -> MemoryStore {
+        MemoryStore {
+            tables: self.tables.clone(),
+            gate: Arc::default(),
+        }
+    }
+
+    /// Makes every write through this gate wait until the returned guard
+    /// is dropped.
+    pub fn hold_writes(&self) -> HeldWrites {
+        self.gate.open.send_replace(false);
+        HeldWrites(self.gate.open.clone())
+    }
+
+    /// Writes waiting at this gate.
+    pub fn writes_waiting(&self) -> usize {
+        self.gate.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Writes stored through this gate so far.
+    pub fn writes(&self) -> usize {
+        self.gate.writes.load(Ordering::SeqCst)
+    }
+
+    /// Every row of `A` that counts, in no particular order.
+    pub fn rows<A: SinkTable>(&self) -> Rows<A> {
+        let mut tables = self.tables();
+        Self::table::<A>(&mut tables)
+            .rows
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn tables(&self) -> MutexGuard<'_, HashMap<&'static str, Box<dyn Any + Send>>> {
+        // A test that panicked while holding it has failed already.
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn table<'t, A: SinkTable>(
+        tables: &'t mut HashMap<&'static str, Box<dyn Any + Send>>,
+    ) -> &'t mut Table<A> {
+        tables
+            .entry(A::NAME)
+            .or_insert_with(|| Box::new(Table::<A>::default()))
+            .downcast_mut()
+            .expect("one table type per aggregate name")
+    }
+
+    async fn opened(&self) {
+        let mut open = self.gate.open.subscribe();
+        if *open.borrow_and_update() {
+            return;
+        }
+        self.gate.waiting.fetch_add(1, Ordering::SeqCst);
+        // The sender lives in the gate, as long as `self`.
+        let _ = open.wait_for(|open| *open).await;
+        self.gate.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Store for MemoryStore {
+    async fn write<A: SinkTable>(
+        &self,
+        rows: &[StoredRow<A::Key, A::Value>],
+    ) -> Result<(), SinkError> {
+        self.opened().await;
+        // As ClickHouse does: a value its column cannot hold fails the insert.
+        for row in rows {
+            A::to_row(row)?;
+        }
+        let mut tables = self.tables();
+        let table = Self::table::<A>(&mut tables);
+        for row in rows {
+            let highest = table.highest.entry(row.partition).or_insert(row.offset);
+            *highest = (*highest).max(row.offset);
+            let key = (row.key.clone(), row.partition);
+            // ReplacingMergeTree(source_offset): the highest offset wins,
+            // the later insert on a tie.
+            match table.rows.get(&key) {
+                Some(stored) if stored.offset > row.offset => {}
+                _ => {
+                    table.rows.insert(key, row.clone());
+                }
+            }
+        }
+        self.gate.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn load_partitions<A: SinkTable>(
+        &self,
+        partitions: &[i32],
+    ) -> Result<Rows<A>, SinkError> {
+        let mut tables = self.tables();
+        let table = Self::table::<A>(&mut tables);
+        Ok(table
+            .rows
+            .values()
+            .filter(|row| partitions.contains(&row.partition))
+            .cloned()
+            .collect())
+    }
+
+    async fn highest_offsets<A: SinkTable>(
+        &self,
+        partitions: &[i32],
+    ) -> Result<Vec<(i32, i64)>, SinkError> {
+        let mut tables = self.tables();
+        let table = Self::table::<A>(&mut tables);
+        Ok(partitions
+            .iter()
+            .filter_map(|p| table.highest.get(p).map(|&o| (*p, o)))
+            .collect())
+    }
+}

@@ -1,0 +1,360 @@
+//! The runtime in one process: librdkafka's mock cluster as the broker and
+//! the aggregate store in memory. Backpressure, rewinds, leases and
+//! rebalances, each asserted on what is stored, without the stack.
+//!
+//! The telemetry counters are process-wide, so the tests run one at a time.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use etl::aggregate::AggregateState;
+use etl::app::Outcome;
+use etl::bench::core::{measure, Path};
+use etl::bench::pipeline::MockBroker;
+use etl::bench::synthetic::{produce_with, Compression, Schemas, Spec};
+use etl::cdc::Table;
+use etl::config::{Config, Settings};
+use etl::registry::{AllAggregates, EachState};
+use etl::sink::{MemoryStore, SinkTable};
+use etl::telemetry;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Synthetic Debezium events preloaded into the mock cluster, and what the
+/// aggregates must come to.
+struct Topics {
+    broker: MockBroker,
+    prefix: String,
+    expected: AllAggregates,
+    /// (topic, partition, end offset) of every table partition.
+    ends: Vec<(String, i32, i64)>,
+}
+
+fn preload(events: u64, partitions: i32) -> Topics {
+    let prefix = "runtime".to_owned();
+    let spec = Spec {
+        events,
+        schemas: Schemas::Off,
+        partitions,
+        keys: 200,
+        seed: 7,
+        prefix: prefix.clone(),
+        snapshot: true,
+    };
+    let (_, expected) = measure(&spec, Path::Ours);
+    let broker = MockBroker::start().expect("the mock cluster starts");
+    for table in Table::ALL {
+        broker
+            .create_topic(&table.topic(&prefix), partitions)
+            .expect("a table topic");
+    }
+    broker
+        .create_topic(&format!("{prefix}.dead_letter"), 1)
+        .expect("the dead-letter topic");
+    let produced =
+        produce_with(&broker.bootstrap, &spec, Compression::Lz4).expect("the events are produced");
+    assert_eq!(produced.messages, events);
+    let mut ends: Vec<(String, i32, i64)> = produced
+        .per_partition
+        .iter()
+        .map(|((topic, partition), end)| (topic.clone(), *partition, *end))
+        .collect();
+    ends.sort();
+    Topics {
+        broker,
+        prefix,
+        expected,
+        ends,
+    }
+}
+
+impl Topics {
+    /// The processor's settings for this broker and `group`, with `more`.
+    fn config(&self, group: &str, more: &[(&str, &str)]) -> Config {
+        let mut env: HashMap<String, String> = [
+            ("ETL_KAFKA_BROKERS", self.broker.bootstrap.as_str()),
+            ("ETL_KAFKA_GROUP_ID", group),
+            ("ETL_TOPIC_PREFIX", &self.prefix),
+            ("ETL_METRICS_ADDR", "off"),
+            ("ETL_KAFKA_SESSION_TIMEOUT_MS", "6000"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        env.extend(more.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let settings = Settings::from_sources(env, None).expect("settings");
+        Config::from_settings(&settings).expect("a valid config")
+    }
+
+    /// The offsets `group` committed, as (topic, partition, offset).
+    fn committed(&self, group: &str) -> Vec<(String, i32, i64)> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.broker.bootstrap)
+            .set("group.id", group)
+            .create()
+            .expect("a consumer");
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, _) in &self.ends {
+            tpl.add_partition(topic, *partition);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("the committed offsets");
+        let mut offsets: Vec<_> = committed
+            .elements()
+            .iter()
+            .map(|e| {
+                let at = match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => 0,
+                };
+                (e.topic().to_owned(), e.partition(), at)
+            })
+            .collect();
+        offsets.sort();
+        offsets
+    }
+}
+
+/// Where what `store` holds differs from `expected`, per aggregate key.
+fn differences(store: &MemoryStore, expected: &AllAggregates) -> Vec<String> {
+    struct Compare<'s>(&'s MemoryStore, Vec<String>);
+    impl EachState<'_> for Compare<'_> {
+        fn visit<A: SinkTable>(&mut self, expected: &AggregateState<A>) {
+            let mut stored = AggregateState::<A>::default();
+            stored.load(self.0.rows::<A>());
+            let (stored, expected) = (stored.totals(), expected.totals());
+            for key in expected.keys().chain(stored.keys()) {
+                if stored.get(key) != expected.get(key) {
+                    self.1.push(format!(
+                        "{} {key:?}: stored {:?}, expected {:?}",
+                        A::NAME,
+                        stored.get(key),
+                        expected.get(key)
+                    ));
+                }
+            }
+        }
+    }
+    let mut compare = Compare(store, Vec::new());
+    expected.each_state(&mut compare);
+    compare.1.dedup();
+    compare.1
+}
+
+/// `etl-processor run` on its own thread, storing into a [`MemoryStore`].
+struct Processor {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: JoinHandle<anyhow::Result<Outcome>>,
+}
+
+impl Processor {
+    fn start(config: Config, store: MemoryStore) -> Processor {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            etl::app::run_with_store(config, store, async move {
+                let _ = stopped.await;
+                "the test is done"
+            })
+        });
+        Processor { stop, thread }
+    }
+
+    /// Asks it to stop and returns how its run ended.
+    fn stop(self) -> Outcome {
+        let _ = self.stop.send(());
+        self.thread
+            .join()
+            .expect("the processor thread does not panic")
+            .expect("the processor runs")
+    }
+
+    /// Asks it to stop and waits for it, however its run ends.
+    fn abandon(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// Waits for `done`, checking every 20 ms, failing after `within`.
+fn await_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `store` holds exactly the expected aggregates.
+fn await_exact(store: &MemoryStore, topics: &Topics, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let differences = differences(store, &topics.expected);
+        if differences.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {within:?}, {} differences, e.g. {:?}",
+            differences.len(),
+            &differences[..differences.len().min(5)]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn events_decoded() -> u64 {
+    telemetry::counters()
+        .events
+        .iter()
+        .map(|e| e.value().load(std::sync::atomic::Ordering::Relaxed))
+        .sum()
+}
+
+#[test]
+fn the_runtime_stores_exactly_what_the_events_say_and_commits_their_ends() {
+    let _serial = one_at_a_time();
+    let topics = preload(20_000, 4);
+    let store = MemoryStore::default();
+    let processor = Processor::start(topics.config("exact", &[]), store.clone());
+    await_exact(&store, &topics, Duration::from_secs(60));
+    assert_eq!(processor.stop(), Outcome::Stopped);
+    assert_eq!(topics.committed("exact"), topics.ends);
+    assert_eq!(differences(&store, &topics.expected), Vec::<String>::new());
+}
+
+#[test]
+fn a_store_that_stops_taking_writes_pauses_the_consumer_at_the_inflight_bound() {
+    let _serial = one_at_a_time();
+    let events = 60_000;
+    let topics = preload(events, 4);
+    let store = MemoryStore::default();
+    let held = store.hold_writes();
+    let (pauses, decoded) = (
+        telemetry::counters()
+            .pauses
+            .load(std::sync::atomic::Ordering::Relaxed),
+        events_decoded(),
+    );
+    let config = topics.config(
+        "paused",
+        &[
+            ("ETL_MAX_INFLIGHT_RECORDS", "500"),
+            ("ETL_BATCH_MAX_RECORDS", "100"),
+            ("ETL_FLUSH_MAX_ROWS", "50"),
+        ],
+    );
+    let processor = Processor::start(config, store.clone());
+    await_until("the consumer to pause", Duration::from_secs(30), || {
+        telemetry::counters()
+            .pauses
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > pauses
+    });
+    assert!(store.writes_waiting() >= 1, "a flush waits for the store");
+    assert_eq!(store.writes(), 0);
+    // Paused, not merely slow: most of the topics is not even decoded.
+    let taken = events_decoded() - decoded;
+    assert!(
+        taken < events / 2,
+        "{taken} of {events} events were decoded with the store holding every write"
+    );
+    drop(held);
+    await_exact(&store, &topics, Duration::from_secs(60));
+    assert_eq!(processor.stop(), Outcome::Stopped);
+    assert_eq!(topics.committed("paused"), topics.ends);
+}
+
+#[cfg(feature = "faults")]
+#[test]
+fn an_aggregator_that_panics_is_restarted_and_its_partitions_replayed_exactly() {
+    use etl::restart::ActorKind;
+    let _serial = one_at_a_time();
+    let topics = preload(30_000, 4);
+    let store = MemoryStore::default();
+    let restarts = || {
+        telemetry::counters()
+            .restarts
+            .get(&ActorKind::Aggregator)
+            .map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    let rewinds = || -> u64 {
+        telemetry::counters()
+            .rewinds
+            .iter()
+            .map(|r| r.value().load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    };
+    let (restarts_before, rewinds_before) = (restarts(), rewinds());
+    let config = topics.config(
+        "panics",
+        &[
+            ("ETL_FAULT_PANIC", "aggregator=0.02"),
+            ("ETL_FAULT_SEED", "11"),
+            ("ETL_BATCH_MAX_RECORDS", "200"),
+            (
+                "ETL_RESTART_AGGREGATOR",
+                "permanent max=1000 within=60s backoff=10ms..200ms",
+            ),
+        ],
+    );
+    let processor = Processor::start(config, store.clone());
+    await_exact(&store, &topics, Duration::from_secs(90));
+    assert_eq!(processor.stop(), Outcome::Stopped);
+    assert!(restarts() > restarts_before, "no aggregator was restarted");
+    assert!(rewinds() > rewinds_before, "no partition was rewound");
+    assert_eq!(topics.committed("panics"), topics.ends);
+}
+
+#[test]
+fn a_member_whose_release_misses_the_deadline_hands_its_partitions_over_as_lost() {
+    let _serial = one_at_a_time();
+    let topics = preload(20_000, 4);
+    let store = MemoryStore::default();
+    // The first member never gets a write through: when the second joins,
+    // its release cannot flush, and it must give its partitions up at the
+    // deadline (half the poll interval) for the group to go on.
+    let stuck = store.another_writer();
+    let held = stuck.hold_writes();
+    let settings = [("ETL_KAFKA_MAX_POLL_INTERVAL_MS", "10000")];
+    let first = Processor::start(topics.config("deadline", &settings), stuck.clone());
+    await_until("the first member to flush", Duration::from_secs(30), || {
+        stuck.writes_waiting() >= 1
+    });
+    let second = Processor::start(topics.config("deadline", &settings), store.clone());
+    // The release deadline is 5 s. Had the first member waited for its
+    // flush instead, the group would have gone on only once it was thrown
+    // out, after the 10 s poll interval.
+    await_until(
+        "the second member to store the partitions handed over",
+        Duration::from_secs(9),
+        || store.writes() >= 1,
+    );
+    // Everything is stored by the second member alone: the first wrote
+    // nothing and committed nothing, so what it had counted is counted
+    // again from the start.
+    await_exact(&store, &topics, Duration::from_secs(60));
+    assert_eq!(stuck.writes(), 0);
+    assert_eq!(second.stop(), Outcome::Stopped);
+    assert_eq!(topics.committed("deadline"), topics.ends);
+    // The first member's flush, let go at last, lands late: the rows it
+    // holds lose to the second member's (their offsets are not higher).
+    drop(held);
+    await_until("the late flush to land", Duration::from_secs(10), || {
+        stuck.writes() >= 1
+    });
+    first.abandon();
+    assert_eq!(differences(&store, &topics.expected), Vec::<String>::new());
+}
