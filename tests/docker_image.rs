@@ -224,6 +224,31 @@ async fn the_image_builds_and_runs_the_pipeline_to_an_exact_reconcile() {
         "{said}"
     );
 
+    // ... and holds none of the fault injection's code: its messages are in
+    // the build the tests run (with the feature), and not in the image's.
+    let markers = ["(ETL_FAULT_PANIC)", "(ETL_FAULT_INSERT_FAILURE_RATE)"];
+    let tested = std::fs::read(env!("CARGO_BIN_EXE_etl-processor")).expect("the tested binary");
+    let released = docker(&[
+        "run",
+        "--rm",
+        "--entrypoint",
+        "cat",
+        &image,
+        "/usr/local/bin/etl-processor",
+    ]);
+    assert!(released.status.success() && released.stdout.len() > 1_000_000);
+    let holds =
+        |binary: &[u8], marker: &str| binary.windows(marker.len()).any(|w| w == marker.as_bytes());
+    for marker in markers {
+        if cfg!(feature = "faults") {
+            assert!(holds(&tested, marker), "the faults build lacks {marker}");
+        }
+        assert!(
+            !holds(&released.stdout, marker),
+            "the release image holds {marker}"
+        );
+    }
+
     // --- the processor, as compose runs it, against the native stack.
     let run = Run::new("docker_image").await;
     let metrics_port = free_port();
