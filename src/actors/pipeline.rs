@@ -369,6 +369,7 @@ impl Downstream for Pipeline {
                 // The actix system is gone (the run is ending): nothing to wait for.
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    telemetry::release_deadline_missed();
                     tracing::warn!(deadline = ?self.release_deadline, "releasing the revoked partitions missed its deadline (half of ETL_KAFKA_MAX_POLL_INTERVAL_MS): those not flushed yet are handed over as lost, and their next owner replays them from the last commit");
                     break;
                 }

@@ -120,6 +120,7 @@ impl ConsumerContext for SourceContext {
             Rebalance::Revoke(tpl) => {
                 let lost = consumer.assignment_lost();
                 tracing::info!(partitions = tpl.count(), lost, "partitions revoked");
+                telemetry::revoking(tpl.count());
                 release(consumer, self.downstream.as_ref(), tpl, lost);
             }
             Rebalance::Assign(_) => {}

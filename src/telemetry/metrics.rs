@@ -202,6 +202,24 @@ fn observe_counters(meter: &Meter) {
             observer.observe(counters().pauses.load(Ordering::Relaxed), &[]);
         })
         .build();
+    meter
+        .u64_observable_counter("etl_partitions_revoked")
+        .with_description("Partitions whose revoke began (rebalances taking them away)")
+        .with_callback(|observer| {
+            let revoked = &counters().partitions_revoked;
+            observer.observe(revoked.load(Ordering::Relaxed), &[]);
+        })
+        .build();
+    meter
+        .u64_observable_counter("etl_release_deadline_misses")
+        .with_description(
+            "Revokes that missed their release deadline: their partitions were handed over as lost",
+        )
+        .with_callback(|observer| {
+            let misses = &counters().release_deadline_misses;
+            observer.observe(misses.load(Ordering::Relaxed), &[]);
+        })
+        .build();
 }
 
 fn observe_gauges(meter: &Meter) {

@@ -48,6 +48,11 @@ pub struct Counters {
     pub insert_retries: DashMap<&'static str, AtomicU64>,
     /// Times the consumer paused its partitions for backpressure.
     pub pauses: AtomicU64,
+    /// Partitions whose revoke began (a rebalance taking them away).
+    pub partitions_revoked: AtomicU64,
+    /// Revokes whose release missed its deadline: their partitions were
+    /// handed over as lost.
+    pub release_deadline_misses: AtomicU64,
     /// Events decoded, by (table, op label: insert, update, delete,
     /// snapshot, truncate).
     pub events: DashMap<(Table, &'static str), AtomicU64>,
@@ -155,6 +160,16 @@ pub fn insert_retry(aggregate: &'static str) {
 
 pub fn paused() {
     counters().pauses.fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn revoking(partitions: usize) {
+    let revoked = &counters().partitions_revoked;
+    revoked.fetch_add(partitions as u64, Ordering::Relaxed);
+}
+
+pub fn release_deadline_missed() {
+    let misses = &counters().release_deadline_misses;
+    misses.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The events of one batch of `table`, as (op label, count).
