@@ -11,8 +11,9 @@
 //! - [`AggregatorActor`]: one per table; applies changes to its aggregate
 //!   state and flushes it on a time or size bound through its sink actor,
 //!   then asks for the flushed offsets to be committed.
-//! - [`SinkActor`]: one per table; inserts rows into ClickHouse, retrying
-//!   with backoff while it is down.
+//! - [`SinkActor`]: one per table; inserts rows into the store (ClickHouse,
+//!   or memory in the runtime's tests: `sink::Store`), retrying with backoff
+//!   while it is down.
 //! - [`Pipeline`]: starts them and is what the Kafka source talks to.
 
 mod aggregator;

@@ -24,7 +24,7 @@ impl<A: SinkTable> Message for Write<A> {
     type Result = Result<(), SinkError>;
 }
 
-/// Writes one aggregate's rows to ClickHouse. While ClickHouse is down or
+/// Writes one aggregate's rows to the store. While ClickHouse is down or
 /// slow it retries with backoff and does not answer; its aggregator then
 /// stops taking batches at its next flush, which holds the partitions
 /// feeding it: that is the backpressure that pauses the consumer.
