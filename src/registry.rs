@@ -96,32 +96,30 @@ aggregates! {
     products: Products,
 }
 
-/// Every aggregate's name (its ClickHouse table), in the list's order.
-pub fn names() -> Vec<&'static str> {
-    struct Names(Vec<&'static str>);
-    impl EachAggregate for Names {
+/// Every aggregate as (its source table, its name: its ClickHouse table),
+/// in the list's order.
+pub fn sources() -> Vec<(Table, &'static str)> {
+    struct Sources(Vec<(Table, &'static str)>);
+    impl EachAggregate for Sources {
         fn visit<A: SinkTable>(&mut self) {
-            self.0.push(A::NAME);
+            self.0.push((A::SOURCE, A::NAME));
         }
     }
-    let mut names = Names(Vec::new());
-    each_aggregate(&mut names);
-    names.0
+    let mut sources = Sources(Vec::new());
+    each_aggregate(&mut sources);
+    sources.0
+}
+
+/// Every aggregate's name (its ClickHouse table), in the list's order.
+pub fn names() -> Vec<&'static str> {
+    sources().into_iter().map(|(_, name)| name).collect()
 }
 
 /// The aggregate a source table feeds: its ClickHouse table.
 pub fn aggregate_of(table: Table) -> &'static str {
-    struct Find(Table, Option<&'static str>);
-    impl EachAggregate for Find {
-        fn visit<A: SinkTable>(&mut self) {
-            if A::SOURCE == self.0 {
-                self.1 = Some(A::NAME);
-            }
-        }
-    }
-    let mut find = Find(table, None);
-    each_aggregate(&mut find);
-    find.1
+    sources()
+        .into_iter()
+        .find_map(|(source, name)| (source == table).then_some(name))
         .expect("every source table feeds an aggregate (checked by a test)")
 }
 
@@ -129,24 +127,16 @@ pub fn aggregate_of(table: Table) -> &'static str {
 mod tests {
     use super::*;
 
-    struct Sources(Vec<(Table, &'static str)>);
-    impl EachAggregate for Sources {
-        fn visit<A: SinkTable>(&mut self) {
-            self.0.push((A::SOURCE, A::NAME));
-        }
-    }
-
     #[test]
     fn every_source_table_feeds_exactly_one_aggregate() {
-        let mut sources = Sources(Vec::new());
-        each_aggregate(&mut sources);
-        let mut tables: Vec<Table> = sources.0.iter().map(|(t, _)| *t).collect();
+        let sources = sources();
+        let mut tables: Vec<Table> = sources.iter().map(|(t, _)| *t).collect();
         tables.sort_by_key(|t| t.name());
         let mut all = Table::ALL.to_vec();
         all.sort_by_key(|t| t.name());
         assert_eq!(tables, all);
         assert_eq!(
-            sources.0,
+            sources,
             [
                 (Table::Orders, "orders_by_minute"),
                 (Table::OrderItems, "product_sales"),
@@ -155,7 +145,7 @@ mod tests {
             ]
         );
         assert_eq!(aggregate_of(Table::OrderItems), "product_sales");
-        let listed: Vec<&str> = sources.0.iter().map(|(_, name)| *name).collect();
+        let listed: Vec<&str> = sources.iter().map(|(_, name)| *name).collect();
         assert_eq!(names(), listed);
     }
 }
