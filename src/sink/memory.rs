@@ -44,18 +44,17 @@ impl Default for Gate {
 
 type Row<A> = StoredRow<<A as Aggregate>::Key, <A as Aggregate>::Value>;
 
-/// One aggregate's rows as FINAL reads them (the highest offset of each
-/// (key, partition)), and the highest offset ever written per partition.
+/// One aggregate's rows as FINAL reads them: the highest offset of each
+/// (key, partition). The highest offset ever written to a partition is
+/// the highest among them, since each key keeps its highest.
 struct Table<A: Aggregate> {
     rows: HashMap<(A::Key, i32), Row<A>>,
-    highest: HashMap<i32, i64>,
 }
 
 impl<A: Aggregate> Default for Table<A> {
     fn default() -> Self {
         Table {
             rows: HashMap::new(),
-            highest: HashMap::new(),
         }
     }
 }
@@ -149,8 +148,6 @@ impl Store for MemoryStore {
         let mut tables = self.tables();
         let table = Self::table::<A>(&mut tables);
         for row in rows {
-            let highest = table.highest.entry(row.partition).or_insert(row.offset);
-            *highest = (*highest).max(row.offset);
             let key = (row.key.clone(), row.partition);
             // ReplacingMergeTree(source_offset): the highest offset wins,
             // the later insert on a tie.
@@ -185,9 +182,13 @@ impl Store for MemoryStore {
     ) -> Result<Vec<(i32, i64)>, SinkError> {
         let mut tables = self.tables();
         let table = Self::table::<A>(&mut tables);
-        Ok(partitions
-            .iter()
-            .filter_map(|p| table.highest.get(p).map(|&o| (*p, o)))
-            .collect())
+        let mut highest: HashMap<i32, i64> = HashMap::new();
+        for row in table.rows.values() {
+            if partitions.contains(&row.partition) {
+                let offset = highest.entry(row.partition).or_insert(row.offset);
+                *offset = (*offset).max(row.offset);
+            }
+        }
+        Ok(highest.into_iter().collect())
     }
 }
