@@ -558,39 +558,20 @@ impl<A: SinkTable, S: Store> Handler<Release> for AggregatorActor<A, S> {
 
 #[cfg(test)]
 mod tests {
-    use rust_decimal::Decimal;
-
     use super::*;
     use crate::actors::supervisor::Supervised;
+    use crate::aggregate::fixtures::{created, snapshot};
     use crate::aggregate::Products;
-    use crate::cdc::{Change, Op, Product, SnapshotId};
     use crate::restart::RestartPolicy;
     use crate::sink::MemoryStore;
 
-    fn created(id: i64) -> TableChange {
-        TableChange::Product(Change {
-            op: Op::Create,
-            before: None,
-            after: Some(Product {
-                id,
-                name: format!("product {id}"),
-                category: "toys".into(),
-                price: Decimal::new(1999, 2),
-            }),
-        })
-    }
-
     fn batch(lease: Lease, offset: i64, id: i64) -> ApplyChanges {
-        let snapshot = Origin::Snapshot(SnapshotId {
-            lsn: 1,
-            started_ms: 1,
-        });
         ApplyChanges {
             partition: 0,
             lease,
             last_offset: offset,
             caught_up: false,
-            changes: vec![(offset, snapshot, created(id))],
+            changes: vec![(offset, snapshot(), created(id))],
             newest_committed_ms: None,
             queued: telemetry::Mailbox::named("aggregator test").enqueued(),
             span: tracing::Span::none(),

@@ -15,6 +15,36 @@
 mod kinds;
 mod state;
 
+/// Changes that unit tests across the crate feed to aggregates.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use rust_decimal::Decimal;
+
+    use crate::cdc::{Change, Op, Origin, Product, SnapshotId, TableChange};
+
+    /// Product `id` created (a products dimension row).
+    pub(crate) fn created(id: i64) -> TableChange {
+        TableChange::Product(Change {
+            op: Op::Create,
+            before: None,
+            after: Some(Product {
+                id,
+                name: format!("product {id}"),
+                category: "toys".into(),
+                price: Decimal::new(1999, 2),
+            }),
+        })
+    }
+
+    /// A row of one snapshot, the same for every call.
+    pub(crate) fn snapshot() -> Origin {
+        Origin::Snapshot(SnapshotId {
+            lsn: 1,
+            started_ms: 1,
+        })
+    }
+}
+
 pub use kinds::{
     CustomerTotals, CustomersByMinute, OrderTotals, OrdersByMinute, ProductInfo, ProductSales,
     Products, SalesTotals,

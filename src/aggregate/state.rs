@@ -675,31 +675,9 @@ impl<A: Aggregate> AggregateState<A> {
 
 #[cfg(test)]
 mod tests {
-    use rust_decimal::Decimal;
-
     use super::*;
+    use crate::aggregate::fixtures::{created, snapshot};
     use crate::aggregate::{Products, SalesTotals};
-    use crate::cdc::{Change, Op, Product};
-
-    fn created(id: i64) -> TableChange {
-        TableChange::Product(Change {
-            op: Op::Create,
-            before: None,
-            after: Some(Product {
-                id,
-                name: format!("product {id}"),
-                category: "toys".into(),
-                price: Decimal::new(1999, 2),
-            }),
-        })
-    }
-
-    fn snapshot() -> Origin {
-        Origin::Snapshot(SnapshotId {
-            lsn: 1,
-            started_ms: 1,
-        })
-    }
 
     #[test]
     fn a_stamp_keeps_the_offset_and_the_flag_apart() {
