@@ -8,12 +8,9 @@
 pub mod actors;
 pub mod aggregate;
 pub mod app;
-pub mod bench;
-pub mod catalog;
 pub mod cdc;
 pub mod config;
 pub mod faults;
-pub mod loadgen;
 pub mod rebuild;
 pub mod reconcile;
 pub mod registry;

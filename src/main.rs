@@ -54,65 +54,13 @@ enum Command {
     /// processor must be stopped; see the README, "Rebuilding the
     /// aggregates").
     Rebuild,
-    /// Write a realistic, seeded store workload into Postgres
-    /// (ETL_POSTGRES_URL) at a target rate of new orders, until SIGTERM/SIGINT
-    /// or --duration; prints progress and a summary to stderr.
-    Loadgen(etl::loadgen::Args),
-    /// Write synthetic Debezium events (the connector's shapes, a seeded
-    /// store workload) into the table topics of ETL_KAFKA_BROKERS and
-    /// ETL_TOPIC_PREFIX, creating the topics if needed.
-    Produce(etl::bench::synthetic::ProduceArgs),
-    /// Benchmarks; each prints its figures (see BENCHMARKS.md).
-    Bench {
-        #[command(subcommand)]
-        bench: BenchCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Every bench below in one run (the pipeline with one process), then
-    /// the goals each measured; needs the whole stack.
-    All(etl::bench::AllArgs),
-    /// Postgres commit -> visible in ClickHouse under steady load, through
-    /// the real stack (ETL_POSTGRES_URL, ETL_KAFKA_BROKERS, ETL_CLICKHOUSE_URL).
-    Freshness(etl::bench::freshness::FreshnessArgs),
-    /// Decode + aggregate on one thread, ours against a naive serde_json::Value
-    /// baseline, on synthetic events (schemas off and on).
-    Core(etl::bench::core::Args),
-    /// The processor (from a preloaded topic to aggregates in ClickHouse,
-    /// ETL_CLICKHOUSE_URL) against a bare consumer, on librdkafka's mock cluster.
-    Pipeline(etl::bench::pipeline::Args),
-    /// Resident memory of one processor with many live keys, and while
-    /// ClickHouse is unreachable (mock cluster; ETL_CLICKHOUSE_URL behind a relay).
-    Memory(etl::bench::memory::MemoryArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::from_process() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("etl-processor: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let filter = match tracing_subscriber::EnvFilter::try_new(&config.log) {
-        Ok(filter) => filter,
-        Err(e) => {
-            eprintln!(
-                "etl-processor: setting ETL_LOG: {:?} is not a log filter: {e}",
-                config.log
-            );
-            return ExitCode::from(2);
-        }
-    };
-    let traces = match etl::telemetry::traces::init(filter, &config.telemetry) {
-        Ok(traces) => traces,
-        Err(e) => {
-            eprintln!("etl-processor: setting ETL_OTEL_ENDPOINT: cannot export traces: {e:#}");
-            return ExitCode::from(2);
-        }
+    let (config, traces) = match etl::telemetry::traces::configure("etl-processor") {
+        Ok(configured) => configured,
+        Err(code) => return code,
     };
     let result = match cli.command.unwrap_or(Command::Run {
         rebuild_first: false,
@@ -130,13 +78,6 @@ fn main() -> ExitCode {
         Command::Replay { file } => etl::replay::command(&file, &config.kafka.topic_prefix),
         Command::Reconcile => reconcile(config),
         Command::Rebuild => etl::rebuild::command(&config),
-        Command::Bench { bench } => run_bench(bench, &config),
-        Command::Produce(args) => {
-            etl::bench::synthetic::command(args, &config).map(|()| ExitCode::SUCCESS)
-        }
-        Command::Loadgen(args) => {
-            etl::loadgen::command(args, config.require_postgres(), tokio_runtime)
-        }
     };
     let code = match result {
         Ok(code) => code,
@@ -148,21 +89,6 @@ fn main() -> ExitCode {
     };
     traces.shutdown();
     code
-}
-
-fn run_bench(bench: BenchCommand, config: &Config) -> anyhow::Result<ExitCode> {
-    // Each bench prints its own figures; `all` ends with the goals.
-    match bench {
-        BenchCommand::All(args) => drop(etl::bench::all(&args, config)?),
-        BenchCommand::Freshness(args) => {
-            let freshness = tokio_runtime()?.block_on(etl::bench::freshness::run(&args, config))?;
-            freshness.print(&args);
-        }
-        BenchCommand::Core(args) => drop(etl::bench::core::run(args)?),
-        BenchCommand::Pipeline(args) => drop(etl::bench::pipeline::run(args, config)?),
-        BenchCommand::Memory(args) => drop(etl::bench::memory::run(args, config)?),
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {

@@ -1,8 +1,6 @@
 //! The ClickHouse sink against the real server: rows round-trip exactly,
 //! and rewriting a (key, partition) row never counts twice.
 
-mod common;
-
 use std::str::FromStr;
 
 use etl::aggregate::{OrderTotals, OrdersByMinute, ProductInfo, Products, SourceMark, StoredRow};
@@ -16,8 +14,8 @@ fn dec(s: &str) -> Decimal {
 #[tokio::test]
 #[ignore = "needs the real stack: run scripts/test"]
 async fn rows_round_trip_and_the_highest_offset_wins() {
-    let stack = common::Stack::load();
-    let sink = common::fresh_analytics_db(&stack, "sink_roundtrip").await;
+    let stack = etl_testkit::Stack::load();
+    let sink = etl_testkit::fresh_analytics_db(&stack, "sink_roundtrip").await;
     let minute = Minute(1_706_778_000);
     // The source mark travels with the row: several source rows at one
     // position (a COPY page), and a position past 2^32.
@@ -85,8 +83,8 @@ async fn rows_round_trip_and_the_highest_offset_wins() {
 #[tokio::test]
 #[ignore = "needs the real stack: run scripts/test"]
 async fn products_dimension_keeps_text_and_deletion() {
-    let stack = common::Stack::load();
-    let sink = common::fresh_analytics_db(&stack, "sink_products").await;
+    let stack = etl_testkit::Stack::load();
+    let sink = etl_testkit::fresh_analytics_db(&stack, "sink_products").await;
     let info = |name: &str, deleted| ProductInfo {
         name: name.into(),
         category: "coffee \"beans\"".into(),
@@ -126,8 +124,8 @@ async fn products_dimension_keeps_text_and_deletion() {
 #[tokio::test]
 #[ignore = "needs the real stack: run scripts/test"]
 async fn the_mark_columns_are_added_to_an_older_table() {
-    let stack = common::Stack::load();
-    let sink = common::fresh_analytics_db(&stack, "sink_migrate").await;
+    let stack = etl_testkit::Stack::load();
+    let sink = etl_testkit::fresh_analytics_db(&stack, "sink_migrate").await;
     let old = "CREATE TABLE product_sales (product_id Int64, source_partition UInt32, \
                units Int64, revenue Decimal(18, 2), lines Int64, source_offset UInt64) \
                ENGINE = ReplacingMergeTree(source_offset) ORDER BY (product_id, source_partition)";

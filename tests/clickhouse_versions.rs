@@ -3,8 +3,6 @@
 //! through chdb, installed by scripts/install): the compose stack runs a
 //! current one.
 
-mod common;
-
 use etl::reconcile::{
     CLICKHOUSE_CUSTOMERS_BY_MINUTE, CLICKHOUSE_ORDERS_BY_MINUTE, CLICKHOUSE_PRODUCTS,
     CLICKHOUSE_PRODUCT_SALES,
@@ -44,7 +42,7 @@ const EXPECTED: [&str; 4] = [
 /// Sorted lines, each number written the same way ("21.50" and "21.5"
 /// differ only in how a server version prints decimals).
 fn normalise(tsv: &str) -> String {
-    let numbers = common::normalise_numbers(tsv);
+    let numbers = etl_testkit::normalise_numbers(tsv);
     let mut lines: Vec<&str> = numbers.lines().collect();
     lines.sort();
     lines.join("\n")
@@ -53,8 +51,8 @@ fn normalise(tsv: &str) -> String {
 #[tokio::test]
 #[ignore = "needs the real stack: run scripts/test"]
 async fn the_debian_server_answers_as_expected() {
-    let stack = common::Stack::load();
-    let sink = common::fresh_analytics_db(&stack, "versions_check").await;
+    let stack = etl_testkit::Stack::load();
+    let sink = etl_testkit::fresh_analytics_db(&stack, "versions_check").await;
     for statement in ROWS {
         sink.client().query(statement).execute().await.unwrap();
     }
@@ -68,12 +66,12 @@ async fn the_debian_server_answers_as_expected() {
 #[test]
 #[ignore = "needs the real stack: run scripts/test"]
 fn a_current_server_answers_the_same() {
-    let stack = common::Stack::load();
-    let mut statements = common::analytics_ddl("analytics");
+    let stack = etl_testkit::Stack::load();
+    let mut statements = etl_testkit::analytics_ddl("analytics");
     statements.push("USE analytics".into());
     statements.extend(ROWS.iter().map(|s| s.to_string()));
     let queries: Vec<String> = QUERIES.iter().map(|q| q.to_string()).collect();
-    let answer = common::chdb(
+    let answer = etl_testkit::chdb(
         std::path::Path::new(stack.get("STACK_PYTHON")),
         &statements,
         &queries,

@@ -121,7 +121,6 @@ const REQUIRED_DEPENDENCIES: &[(&str, &str, &str)] = &[
         "debezium-register",
         "service_completed_successfully",
     ),
-    ("loadgen", "etl_processor", "service_started"),
 ];
 
 /// Image repository (and version prefix) of each service that does not build from the Dockerfile.
@@ -138,10 +137,11 @@ const IMAGES: &[(&str, &str)] = &[
     ("jaeger", "jaegertracing/jaeger:2."),
 ];
 
-/// Services that run the processor's image (the repo's Dockerfile)...
+/// Services that run an image of the repo's Dockerfile...
 const BUILT: &[&str] = &["etl_processor", "loadgen"];
-/// ...which this one alone builds.
-const PROCESSOR_IMAGE_BUILDER: &str = "etl_processor";
+/// ...each the image of its own stage: the processor's (the last, what a plain `docker build`
+/// gives), and the tools'.
+const STAGES: &[(&str, &str)] = &[("etl_processor", "processor"), ("loadgen", "tools")];
 
 /// Variables of `.env` that Compose itself reads rather than the file.
 const COMPOSE_SETTINGS: &[(&str, &str)] = &[("COMPOSE_PROJECT_NAME", "online-store-cdc")];
@@ -786,7 +786,7 @@ fn images_are_pinned() {
     for service in compose.names() {
         let spec = compose.service(&service);
         if BUILT.contains(&service.as_str()) {
-            // The project's own image: processor_and_loadgen_share_one_image_built_once.
+            // The project's own images: processor_and_loadgen_build_their_own_stages.
             continue;
         }
         let image = spec
@@ -859,21 +859,29 @@ fn dockerfile_is_multi_stage_pinned_and_runs_as_non_root() {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect();
-    let mut stages: Vec<String> = Vec::new();
+    // (stage, the user it runs as): a stage built FROM an earlier one inherits its USER.
+    let mut stages: Vec<(String, Option<String>)> = Vec::new();
     let mut from_count = 0;
     let mut user_in_last_stage: Option<String> = None;
     for line in &lines {
         let mut words = line.split_whitespace();
         let instruction = words.next().unwrap().to_ascii_uppercase();
         if instruction == "FROM" {
+            if let Some(last) = stages.last_mut() {
+                last.1 = user_in_last_stage.clone();
+            }
             from_count += 1;
-            user_in_last_stage = None;
             let args: Vec<&str> = words.filter(|w| !w.starts_with("--")).collect();
             let image = args.first().expect("FROM without an image");
-            let earlier_stage = stages.iter().any(|s| s == image);
-            if let Some(pos) = args.iter().position(|w| w.eq_ignore_ascii_case("AS")) {
-                stages.push(args[pos + 1].to_string());
-            }
+            let earlier_stage = stages.iter().find(|(s, _)| s == image);
+            user_in_last_stage = earlier_stage.and_then(|(_, user)| user.clone());
+            let name = args
+                .iter()
+                .position(|w| w.eq_ignore_ascii_case("AS"))
+                .map(|pos| args[pos + 1].to_string())
+                .unwrap_or_default();
+            let earlier_stage = earlier_stage.is_some();
+            stages.push((name, None));
             if earlier_stage {
                 continue;
             }
@@ -903,10 +911,11 @@ fn dockerfile_is_multi_stage_pinned_and_runs_as_non_root() {
         "the runtime stage runs as {user:?}; use a non-root user"
     );
     for needle in [
-        "cargo build --release --locked --bin etl-processor",
+        "cargo build --release --locked --bin etl-processor --bin etl-tools",
         "EXPOSE 9464",
         "ENTRYPOINT [\"etl-processor\"]",
         "CMD [\"run\"]",
+        "ENTRYPOINT [\"etl-tools\"]",
     ] {
         assert!(text.contains(needle), "Dockerfile lacks `{needle}`");
     }
@@ -1061,13 +1070,13 @@ fn processor_settings_are_known_and_point_at_the_services() {
 }
 
 #[test]
-fn loadgen_runs_the_processor_image_and_can_be_turned_off() {
+fn loadgen_runs_the_tools_image_and_can_be_turned_off() {
     let compose = compose();
     let command = compose.command("loadgen");
     assert_eq!(
         command.first().map(String::as_str),
         Some("loadgen"),
-        "loadgen must run `etl-processor loadgen ...` (the image's entrypoint is etl-processor), got {command:?}"
+        "loadgen must run `etl-tools loadgen ...` (the tools image's entrypoint is etl-tools), got {command:?}"
     );
     let rate = command
         .iter()
@@ -1772,67 +1781,86 @@ fn clickhouse_healthcheck_passes_only_on_the_final_server() {
 }
 
 #[test]
-fn processor_and_loadgen_share_one_image_built_once() {
+fn processor_and_loadgen_build_their_own_stages() {
     let compose = compose();
     let builders: Vec<String> = compose
         .names()
         .into_iter()
         .filter(|s| compose.service(s).get("build").is_some())
         .collect();
+    let mut want: Vec<&str> = STAGES.iter().map(|(service, _)| *service).collect();
+    want.sort();
+    assert_eq!(builders, want, "the services that build an image");
+    let dockerfile_stages = dockerfile_stages();
     assert_eq!(
-        builders,
-        [PROCESSOR_IMAGE_BUILDER],
-        "only {PROCESSOR_IMAGE_BUILDER} builds the image; the others run it"
+        dockerfile_stages.last().map(String::as_str),
+        Some("processor"),
+        "the Dockerfile's last stage (what `docker build .` gives) must be the processor's"
     );
-    let spec = compose.service(PROCESSOR_IMAGE_BUILDER);
-    let (context, dockerfile) = match &spec["build"] {
-        Value::Mapping(m) => (
-            m.get("context").map(scalar).unwrap_or_else(|| ".".into()),
-            m.get("dockerfile")
-                .map(scalar)
-                .unwrap_or_else(|| "Dockerfile".into()),
-        ),
-        other => (scalar(other), "Dockerfile".into()),
-    };
-    assert!(
-        context == "." || context == "./",
-        "{PROCESSOR_IMAGE_BUILDER} builds from {context:?}, expected the repo root"
-    );
-    assert!(
-        repo().join(&dockerfile).is_file(),
-        "{PROCESSOR_IMAGE_BUILDER} builds from {dockerfile}, which does not exist"
-    );
-    let image = spec.get("image").map(scalar).unwrap_or_else(|| {
-        panic!(
-            "{PROCESSOR_IMAGE_BUILDER} must name the image it builds (image:); without it Compose \
-             names it after the service and no other service can run it"
-        )
-    });
-    assert!(
-        image.rsplit('/').next().unwrap().contains(':'),
-        "the processor image {image:?} has no tag"
-    );
-    for service in BUILT {
+    let mut images = BTreeSet::new();
+    for (service, stage) in STAGES {
         let spec = compose.service(service);
-        assert_eq!(
-            spec.get("image").map(scalar).as_deref(),
-            Some(image.as_str()),
-            "{service} must run the processor image {image}"
+        let build = match &spec["build"] {
+            Value::Mapping(m) => m,
+            other => {
+                panic!("{service} builds {other:?}; it must name its Dockerfile stage (target:)")
+            }
+        };
+        let context = build
+            .get("context")
+            .map(scalar)
+            .unwrap_or_else(|| ".".into());
+        assert!(
+            context == "." || context == "./",
+            "{service} builds from {context:?}, expected the repo root"
         );
+        let dockerfile = build
+            .get("dockerfile")
+            .map(scalar)
+            .unwrap_or_else(|| "Dockerfile".into());
+        assert_eq!(
+            dockerfile, "Dockerfile",
+            "{service} builds from {dockerfile}"
+        );
+        assert_eq!(
+            build.get("target").map(scalar).as_deref(),
+            Some(*stage),
+            "{service} must build the Dockerfile's {stage} stage"
+        );
+        assert!(
+            dockerfile_stages.iter().any(|s| s == stage),
+            "the Dockerfile has no {stage} stage (stages: {dockerfile_stages:?})"
+        );
+        let image = spec.get("image").map(scalar).unwrap_or_else(|| {
+            panic!(
+                "{service} must name the image it builds (image:); without it Compose names it \
+                 after the service"
+            )
+        });
+        assert!(
+            image.rsplit('/').next().unwrap().contains(':'),
+            "{service}'s image {image:?} has no tag"
+        );
+        assert!(images.insert(image.clone()), "two stages built as {image}");
         assert_eq!(
             spec.get("pull_policy").map(scalar).as_deref(),
             Some("never"),
             "{service}: the image name exists only locally; pull_policy: never keeps Compose from pulling it"
         );
-        if *service != PROCESSOR_IMAGE_BUILDER {
-            assert!(
-                compose
-                    .depends_on(service)
-                    .contains_key(PROCESSOR_IMAGE_BUILDER),
-                "{service} must depend on {PROCESSOR_IMAGE_BUILDER}, so `up {service}` builds the image"
-            );
-        }
     }
+}
+
+/// The names of the Dockerfile's stages (`FROM ... AS name`), in order.
+fn dockerfile_stages() -> Vec<String> {
+    read("Dockerfile")
+        .lines()
+        .filter(|l| l.trim_start().to_ascii_uppercase().starts_with("FROM "))
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = words.iter().position(|w| w.eq_ignore_ascii_case("AS"))?;
+            words.get(at + 1).map(|w| w.to_string())
+        })
+        .collect()
 }
 
 #[test]

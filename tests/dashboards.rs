@@ -6,15 +6,13 @@
 //! same answers, and on the real stack returns exactly the figures computed
 //! from Postgres, to the cent.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Command;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::pipeline::{wait, Run};
+use etl_testkit::pipeline::{wait, Run};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
@@ -62,7 +60,9 @@ const PIPELINE_PANELS: &[&[&str]] = &[
 ];
 
 fn provisioning(path: &str) -> PathBuf {
-    common::repo_root().join("grafana/provisioning").join(path)
+    etl_testkit::repo_root()
+        .join("grafana/provisioning")
+        .join(path)
 }
 
 fn dashboard(file: &str) -> Value {
@@ -618,9 +618,9 @@ fn store_live_queries_run_on_a_current_clickhouse() {
         .iter()
         .map(|t| expand_macros(&t.text, FIXTURE_RANGE))
         .collect();
-    let mut statements = common::analytics_ddl("analytics");
+    let mut statements = etl_testkit::analytics_ddl("analytics");
     statements.extend(FIXTURE_ROWS.iter().map(|s| s.to_string()));
-    let answer = common::chdb(&python, &statements, &queries);
+    let answer = etl_testkit::chdb(&python, &statements, &queries);
     let version = &answer.version;
     let major: u32 = version.split('.').next().unwrap().parse().unwrap();
     assert!(major >= 24, "not a current ClickHouse: {version}");
@@ -629,8 +629,8 @@ fn store_live_queries_run_on_a_current_clickhouse() {
         match result {
             Err(e) => failures.push(format!("{}: {e}\n{sql}", target.panel)),
             Ok(tsv) => {
-                let got = common::normalise_numbers(tsv.trim_end());
-                let want = common::normalise_numbers(fixture_expected(&target.panel));
+                let got = etl_testkit::normalise_numbers(tsv.trim_end());
+                let want = etl_testkit::normalise_numbers(fixture_expected(&target.panel));
                 if got != want {
                     failures.push(format!("{}: got\n{got}\nwant\n{want}\n{sql}", target.panel));
                 }
@@ -663,9 +663,9 @@ async fn clickhouse_tsv(sink: &etl::sink::ClickHouseSink, sql: &str) -> Result<S
 #[tokio::test]
 #[ignore = "needs the real stack: run scripts/test"]
 async fn store_live_queries_give_the_same_rows_on_the_debian_server() {
-    let stack = common::Stack::load();
+    let stack = etl_testkit::Stack::load();
     let db = "dashboards_versions_check";
-    let sink = common::fresh_analytics_db(&stack, db).await;
+    let sink = etl_testkit::fresh_analytics_db(&stack, db).await;
     for statement in FIXTURE_ROWS {
         let statement = statement.replace("analytics.", &format!("{db}."));
         sink.client().query(&statement).execute().await.unwrap();
@@ -678,8 +678,8 @@ async fn store_live_queries_give_the_same_rows_on_the_debian_server() {
         match clickhouse_tsv(&sink, &sql).await {
             Err(e) => failures.push(format!("{}: {e}\n{sql}", target.panel)),
             Ok(tsv) => {
-                let got = common::normalise_numbers(tsv.trim_end());
-                let want = common::normalise_numbers(fixture_expected(&target.panel));
+                let got = etl_testkit::normalise_numbers(tsv.trim_end());
+                let want = etl_testkit::normalise_numbers(fixture_expected(&target.panel));
                 if got != want {
                     failures.push(format!("{}: got\n{got}\nwant\n{want}\n{sql}", target.panel));
                 }

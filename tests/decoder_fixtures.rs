@@ -3,8 +3,6 @@
 //! table, tombstones and a truncate, in three encodings; and the same with
 //! the tables in REPLICA IDENTITY DEFAULT (replica_identity_default.sql).
 
-mod common;
-
 use std::collections::BTreeMap;
 
 use etl::aggregate::{AggregateState, Products};
@@ -17,7 +15,7 @@ use rust_decimal::Decimal;
 /// Decodes every record of a capture's table topics, in order: (table,
 /// result). Other topics (the transaction topic) are left out.
 fn decode_all(name: &str) -> Vec<(Table, Result<Decoded, DecodeError>)> {
-    let text = std::fs::read_to_string(common::fixture(name)).unwrap();
+    let text = std::fs::read_to_string(etl_testkit::fixture(name)).unwrap();
     text.lines()
         .filter_map(|line| {
             let record: serde_json::Value = serde_json::from_str(line).unwrap();

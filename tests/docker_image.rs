@@ -1,8 +1,8 @@
-//! The processor's image, built for real from the repository's Dockerfile and
-//! `.dockerignore`, then run the way `docker-compose.yml` runs it: as uid
-//! 10001, passing its compose healthcheck from inside, consuming the native
-//! stack with host networking until `reconcile` is exact after a `loadgen`
-//! workload that ran in the same image.
+//! The processor's and the tools' images, built for real from the repository's
+//! Dockerfile and `.dockerignore`, then run the way `docker-compose.yml` runs
+//! them: the processor as uid 10001, passing its compose healthcheck from
+//! inside, consuming the native stack with host networking until `reconcile`
+//! is exact after a `loadgen` workload that ran in the tools' image.
 //!
 //! Needs a Docker engine (`scripts/docker-engine up`) and the native stack
 //! (`scripts/stack up`); `scripts/test` starts both. The base images are local
@@ -10,14 +10,12 @@
 //! an engine this test fails; where `scripts/test` cannot start one, it leaves
 //! the test out (`--skip`) and says SKIPPED with the reason.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::pipeline::Run;
-use common::{eventually, repo_root};
+use etl_testkit::pipeline::Run;
+use etl_testkit::{eventually, repo_root};
 use serde_yaml_ng::Value;
 
 /// docker-compose.yml, parsed.
@@ -161,8 +159,15 @@ async fn the_image_builds_and_runs_the_pipeline_to_an_exact_reconcile() {
     // The builder stage gets a tag of its own, so that its dependency layer (minutes to build)
     // stays referenced as a cache and the builder images of earlier runs can be pruned.
     let builder = format!("{image}-builder");
+    let tools_image = loadgen["image"]
+        .as_str()
+        .expect("loadgen names its image")
+        .to_owned();
+    assert_ne!(tools_image, image, "loadgen runs the tools' image");
     for args in [
         vec!["build", "--target", "builder", "-t", &builder],
+        vec!["build", "--target", "tools", "-t", &tools_image],
+        // No target: the Dockerfile's last stage, the processor's.
         vec!["build", "-t", &image],
     ] {
         let out = Command::new("docker")
@@ -184,19 +189,44 @@ async fn the_image_builds_and_runs_the_pipeline_to_an_exact_reconcile() {
         "--filter",
         "label=online-store-cdc.stand-in",
     ]);
-    let size: u64 = docker_ok(&["image", "inspect", "--format", "{{.Size}}", &image])
-        .parse()
-        .unwrap();
+    let size = |image: &str| -> u64 {
+        docker_ok(&["image", "inspect", "--format", "{{.Size}}", image])
+            .parse()
+            .unwrap()
+    };
     eprintln!(
-        "docker_image: built {image} in {:.0?}, {} MB",
+        "docker_image: built {image} ({} MB) and {tools_image} ({} MB) in {:.0?}",
+        size(&image) / 1_000_000,
+        size(&tools_image) / 1_000_000,
         started.elapsed(),
-        size / 1_000_000
     );
     // Small: Debian slim (75 MB), CA certificates and the binary without debug info (about 20 MB).
-    assert!(
-        size < 150_000_000,
-        "the image is {size} bytes: the build toolchain leaked into it?"
-    );
+    for image in [&image, &tools_image] {
+        assert!(
+            size(image) < 150_000_000,
+            "{image} is {} bytes: the build toolchain leaked into it?",
+            size(image)
+        );
+    }
+
+    // --- the processor's image holds the processor alone: no tools binary,
+    // and no tools' command in the processor.
+    let listing = docker_ok(&[
+        "run",
+        "--rm",
+        "--entrypoint",
+        "ls",
+        &image,
+        "/usr/local/bin",
+    ]);
+    assert_eq!(listing, "etl-processor", "the processor image's binaries");
+    let help = docker_ok(&["run", "--rm", &image, "--help"]);
+    for command in ["run", "replay", "reconcile", "rebuild"] {
+        assert!(help.contains(command), "etl-processor --help: {help}");
+    }
+    for command in ["loadgen", "produce", "bench"] {
+        assert!(!help.contains(command), "etl-processor --help: {help}");
+    }
 
     // --- non-root: the image's user and the uid a container really runs as.
     assert_eq!(
@@ -285,7 +315,7 @@ async fn the_image_builds_and_runs_the_pipeline_to_an_exact_reconcile() {
     )
     .await;
 
-    // --- loadgen, as compose runs it, in the same image.
+    // --- loadgen, as compose runs it, in the tools' image.
     let loadgen_env: BTreeMap<String, String> = [
         ("ETL_POSTGRES_URL", run.stack.get("ETL_POSTGRES_URL")),
         ("ETL_LOG", "info"),
@@ -300,11 +330,9 @@ async fn the_image_builds_and_runs_the_pipeline_to_an_exact_reconcile() {
             "compose gives loadgen {key}; this test must too"
         );
     }
-    let loadgen_image = loadgen["image"].as_str().expect("loadgen names its image");
-    assert_eq!(loadgen_image, image, "loadgen runs the processor's image");
     let workload = Container::start(
         format!("loadgen-{}", run.database),
-        &image,
+        &tools_image,
         &loadgen_env,
         &strings(&loadgen["command"]),
     );

@@ -5,13 +5,11 @@
 // They inject faults (ETL_FAULT_*), which only a build with the feature has.
 #![cfg(feature = "faults")]
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::eventually;
-use common::pipeline::{
+use etl_testkit::eventually;
+use etl_testkit::pipeline::{
     wait, Processor, Run, StartedAgainOnFailure, PARTITIONS, SESSION_TIMEOUT, TABLES,
 };
 

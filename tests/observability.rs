@@ -5,8 +5,6 @@
 //! test receives the span tree of batches (a trace started upstream, in a
 //! Kafka `traceparent` header, is continued).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Command;
@@ -22,8 +20,8 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 
-use common::eventually;
-use common::pipeline::{wait, Run, PARTITIONS, TABLES};
+use etl_testkit::eventually;
+use etl_testkit::pipeline::{wait, Run, PARTITIONS, TABLES};
 
 // ----------------------------------------------------------- OTLP receiver --
 
@@ -152,7 +150,7 @@ fn expected_counts(run: &Run) -> (BTreeMap<(String, String), u64>, BTreeMap<Stri
 
 /// The metric names a dashboard mentions.
 fn dashboard_metrics(file: &str) -> Vec<String> {
-    let path = common::repo_root().join(file);
+    let path = etl_testkit::repo_root().join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
     let mut names: Vec<String> = text
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -504,7 +502,7 @@ async fn trace_context_from_kafka_headers(receiver: &Receiver) {
 /// The repo's prometheus.yml (the compose stack's) is a valid config.
 #[test]
 fn promtool_accepts_the_prometheus_config() {
-    let config = common::repo_root().join("prometheus.yml");
+    let config = etl_testkit::repo_root().join("prometheus.yml");
     let out = Command::new("promtool")
         .args(["check", "config", "--syntax-only"])
         .arg(&config)

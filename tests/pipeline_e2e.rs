@@ -4,12 +4,10 @@
 //! with SIGKILL in the middle of a workload and started again, and after a
 //! second member joins and leaves the consumer group during a workload.
 
-mod common;
-
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::eventually;
-use common::pipeline::{metric, wait, Run, SESSION_TIMEOUT};
+use etl_testkit::eventually;
+use etl_testkit::pipeline::{metric, wait, Run, SESSION_TIMEOUT};
 
 const UNKNOWN_TOPIC: &str = "online_store.public.reviews";
 /// Long, so that a kill mid-workload finds seconds of unflushed events.

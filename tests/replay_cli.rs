@@ -2,13 +2,11 @@
 //! aggregates of the final database state (expected_aggregates.jsonl was
 //! computed by GROUP BY in Postgres when the capture was made).
 
-mod common;
-
 use std::process::Command;
 
 fn replay(fixture: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_etl-processor"))
-        .args(["replay", common::fixture(fixture).to_str().unwrap()])
+        .args(["replay", etl_testkit::fixture(fixture).to_str().unwrap()])
         .env_remove("ETL_TOPIC_PREFIX")
         .output()
         .unwrap();
@@ -21,7 +19,7 @@ fn replay(fixture: &str) -> String {
 }
 
 fn expected() -> String {
-    std::fs::read_to_string(common::fixture("expected_aggregates.jsonl")).unwrap()
+    std::fs::read_to_string(etl_testkit::fixture("expected_aggregates.jsonl")).unwrap()
 }
 
 #[test]
@@ -43,7 +41,8 @@ fn schemas_off_with_double_decimals() {
 fn the_output_follows_the_events_not_a_fixed_answer() {
     // The same capture twice is a different history (every row created
     // twice), so the report must change with it.
-    let capture = std::fs::read_to_string(common::fixture("schemas_off_string.jsonl")).unwrap();
+    let capture =
+        std::fs::read_to_string(etl_testkit::fixture("schemas_off_string.jsonl")).unwrap();
     let doubled = std::env::temp_dir().join(format!("doubled-{}.jsonl", std::process::id()));
     std::fs::write(&doubled, format!("{capture}{capture}")).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_etl-processor"))
@@ -159,7 +158,7 @@ fn a_replica_identity_default_capture_replays_like_the_pipeline() {
         "replica_identity_default_schemas_off_double.jsonl",
         "replica_identity_default_schemas_on_precise.jsonl",
     ] {
-        let (code, stdout, stderr) = replay_file(&common::fixture(fixture));
+        let (code, stdout, stderr) = replay_file(&etl_testkit::fixture(fixture));
         assert_eq!(code, Some(1), "{fixture}: {stderr}");
         assert_eq!(stdout.lines().collect::<Vec<_>>(), expected, "{fixture}");
         let lines: Vec<&str> = stderr.lines().collect();
@@ -189,7 +188,7 @@ fn a_replica_identity_default_capture_replays_like_the_pipeline() {
 /// A clean capture prints nothing on stderr besides logs and exits 0.
 #[test]
 fn a_capture_without_dead_letters_exits_0_and_says_nothing() {
-    let (code, stdout, stderr) = replay_file(&common::fixture("schemas_off_string.jsonl"));
+    let (code, stdout, stderr) = replay_file(&etl_testkit::fixture("schemas_off_string.jsonl"));
     assert_eq!(code, Some(0));
     assert_eq!(stdout, expected());
     assert_eq!(stderr, "");
@@ -202,10 +201,11 @@ fn a_capture_without_dead_letters_exits_0_and_says_nothing() {
 #[test]
 fn events_the_connector_sent_again_after_a_kill_change_nothing() {
     let first =
-        std::fs::read_to_string(common::fixture("positions/streaming-txmeta.jsonl")).unwrap();
-    let again =
-        std::fs::read_to_string(common::fixture("positions/redelivered-after-sigkill.jsonl"))
-            .unwrap();
+        std::fs::read_to_string(etl_testkit::fixture("positions/streaming-txmeta.jsonl")).unwrap();
+    let again = std::fs::read_to_string(etl_testkit::fixture(
+        "positions/redelivered-after-sigkill.jsonl",
+    ))
+    .unwrap();
     let once = temp_capture("delivered-once", &first);
     let twice = temp_capture("delivered-twice", &format!("{first}{again}"));
     let (code, expected, _) = replay_file(&once);

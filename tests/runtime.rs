@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use etl::aggregate::AggregateState;
 use etl::app::Outcome;
-use etl::bench::core::{measure, Path};
-use etl::bench::pipeline::MockBroker;
-use etl::bench::synthetic::{produce_with, Compression, Schemas, Spec};
 use etl::cdc::Table;
 use etl::config::{Config, Settings};
 use etl::registry::{AllAggregates, EachState};
 use etl::sink::{MemoryStore, SinkTable};
 use etl::telemetry;
+use etl_testkit::MockBroker;
+use etl_tools::bench::core::{measure, Path};
+use etl_tools::bench::synthetic::{produce_with, Compression, Schemas, Spec};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};

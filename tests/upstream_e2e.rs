@@ -4,16 +4,14 @@
 // They inject faults (ETL_FAULT_*), which only a build with the feature has.
 #![cfg(feature = "faults")]
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::eventually;
-use common::pipeline::{metric, wait, Processor, Run, PARTITIONS, SESSION_TIMEOUT, TABLES};
+use etl_testkit::eventually;
+use etl_testkit::pipeline::{metric, wait, Processor, Run, PARTITIONS, SESSION_TIMEOUT, TABLES};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 /// Exit code of a processor that found a partition's log started over.
@@ -54,7 +52,7 @@ impl FreshBroker {
             .unwrap()
             .port();
         let address = format!("127.0.0.1:{port}");
-        let dir = common::repo_root()
+        let dir = etl_testkit::repo_root()
             .join("target/e2e-logs")
             .join(&run.database)
             .join("fresh-broker");
@@ -217,7 +215,7 @@ impl OwnEngine {
             .open(self.dir.join("engine.log"))
             .unwrap();
         let mut cmd = Command::new(&self.python);
-        cmd.arg(common::repo_root().join("scripts/debezium-engine.py"))
+        cmd.arg(etl_testkit::repo_root().join("scripts/debezium-engine.py"))
             .arg("--state-dir")
             .arg(&self.dir)
             .args(["--sink", "kafka", "--brokers", &self.brokers])
@@ -808,7 +806,7 @@ async fn new_snapshot_under_load(name: &str, settings: &[(&str, &str)]) -> NewSn
     let loadgen_log = std::fs::File::create(run.logs.join("loadgen.log")).unwrap();
     let seed = seeds().to_string();
     let loadgen = Processor(
-        run.processor_command(&["loadgen", "--rate", "10", "--seed", &seed])
+        run.tools_command(&["loadgen", "--rate", "10", "--seed", &seed])
             .stdout(Stdio::null())
             .stderr(loadgen_log)
             .spawn()

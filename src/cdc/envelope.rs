@@ -133,9 +133,9 @@ pub fn decode_event(table: Table, value: Option<&[u8]>) -> Result<Event, DecodeE
     }
 }
 
-/// Whether the scanner reads `value` (rather than leaving it to serde).
-#[cfg(test)]
-pub(crate) fn scanned(value: &[u8]) -> bool {
+/// Whether the scanner reads `value` (rather than leaving it to serde): the
+/// tools check that every synthetic message they bench with is one it reads.
+pub fn scanned(value: &[u8]) -> bool {
     std::str::from_utf8(value).is_ok_and(|text| {
         schemas::with(|cache| fast::scan(text, |rest| cache.find(rest))).is_some()
     })
@@ -198,8 +198,10 @@ enum Image<'a> {
     Columns(fast::Columns<'a>),
 }
 
-/// Any message the scanner leaves, every shape and every error.
-fn decode_with_serde(table: Table, bytes: &[u8]) -> Result<Event, DecodeError> {
+/// Any message the scanner leaves, every shape and every error; also the
+/// reference the scanner is checked against, here and by the tools'
+/// synthetic events.
+pub fn decode_with_serde(table: Table, bytes: &[u8]) -> Result<Event, DecodeError> {
     let message: Message = serde_json::from_slice(bytes).map_err(DecodeError::malformed)?;
     let tombstone = Event {
         decoded: Decoded::Tombstone,
@@ -756,8 +758,8 @@ mod tests {
     }
 
     /// The scanner's answers are the serde path's, to the error text: on
-    /// the captured connector output and on synthetic messages, as they are
-    /// and with random damage. Undamaged, the scanner reads every one in the
+    /// the captured connector output, as it is and with random damage (the
+    /// tools' synthetic messages are checked alike, in `etl-tools`). Undamaged, the scanner reads every one in the
     /// connector's key order, schemas on too, with its schema found in the
     /// cache or parsed into it.
     #[test]
@@ -803,20 +805,6 @@ mod tests {
                     messages.push((table, serde_json::to_vec(&value).unwrap(), usual, fails));
                     let pretty = serde_json::to_vec_pretty(&value).unwrap();
                     messages.push((table, pretty, usual, fails));
-                }
-            }
-        }
-        use crate::bench::synthetic::{Generator, Schemas, Spec};
-        for (schemas, events) in [(Schemas::Off, 3_000), (Schemas::On, 600)] {
-            let spec = Spec {
-                events,
-                keys: 50,
-                schemas,
-                ..Default::default()
-            };
-            for m in Generator::new(spec) {
-                if let Some(value) = m.value {
-                    messages.push((m.table, value, true, None));
                 }
             }
         }
@@ -871,12 +859,13 @@ mod tests {
                 }
             }
         }
-        // Both outcomes were exercised, and both ways to a schema; 10 events
-        // of each REPLICA IDENTITY DEFAULT capture, 3 ways each, miss the old
-        // row their aggregates subtract.
+        // Both outcomes were exercised, and both ways to a schema (35 hits
+        // and 49 misses on these captures); 10 events of each REPLICA
+        // IDENTITY DEFAULT capture, 3 ways each, miss the old row their
+        // aggregates subtract.
         assert!(ok > 1_000 && failed > 1_000, "{ok} {failed}");
         assert_eq!(missing_before, 3 * 10 * 3);
-        assert!(hits > 100 && misses > 100, "{hits} {misses}");
+        assert!(hits > 30 && misses > 30, "{hits} {misses}");
     }
 
     /// An orders message whose schema gives `total_amount` a scale and

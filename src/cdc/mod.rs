@@ -12,9 +12,7 @@ mod position;
 mod schemas;
 mod tables;
 
-#[cfg(test)]
-pub(crate) use envelope::scanned;
-pub use envelope::{decode, decode_event, Decoded, Event};
+pub use envelope::{decode, decode_event, decode_with_serde, scanned, Decoded, Event};
 pub use field::Minute;
 pub use position::{Origin, Position, SnapshotId};
 pub use tables::{Customer, Order, OrderItem, Product, ProductKey, TableChange};

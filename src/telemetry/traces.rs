@@ -20,7 +20,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
-use crate::config::TelemetryConfig;
+use crate::config::{Config, TelemetryConfig};
 use crate::source::RecordBatch;
 
 /// The most links a span carries (a flush after a long outage may cover
@@ -40,6 +40,29 @@ impl Tracing {
             }
         }
     }
+}
+
+/// What every binary of the project does first: reads the configuration
+/// and installs logs and traces. On a bad setting it prints which one and
+/// why, prefixed with `program`, and returns the exit code for it (2).
+pub fn configure(program: &str) -> Result<(Config, Tracing), std::process::ExitCode> {
+    let bad_setting = |message: String| {
+        eprintln!("{program}: {message}");
+        std::process::ExitCode::from(2)
+    };
+    let config = Config::from_process().map_err(|e| bad_setting(e.to_string()))?;
+    let filter = EnvFilter::try_new(&config.log).map_err(|e| {
+        bad_setting(format!(
+            "setting ETL_LOG: {:?} is not a log filter: {e}",
+            config.log
+        ))
+    })?;
+    let tracing = init(filter, &config.telemetry).map_err(|e| {
+        bad_setting(format!(
+            "setting ETL_OTEL_ENDPOINT: cannot export traces: {e:#}"
+        ))
+    })?;
+    Ok((config, tracing))
 }
 
 /// Installs the global subscriber: `log` filters what reaches stderr; the

@@ -3,21 +3,21 @@
 //! - [`synthetic`]: a seeded generator of realistic Debezium messages (the
 //!   real connector's shapes, schemas on and off) for the four tables, and a
 //!   producer that writes them straight into Kafka topics
-//!   (`etl-processor produce`).
+//!   (`etl-tools produce`).
 //! - [`core`]: decode + aggregate on one thread, against a naive
-//!   `serde_json::Value` baseline (`etl-processor bench core`).
+//!   `serde_json::Value` baseline (`etl-tools bench core`).
 //! - [`pipeline`]: the whole processor, from a preloaded topic to flushed
 //!   aggregates in ClickHouse, against a bare consumer reading the same
-//!   topics (`etl-processor bench pipeline`).
+//!   topics (`etl-tools bench pipeline`).
 //! - [`freshness`]: Postgres commit -> visible in ClickHouse under steady
-//!   load, through the real stack (`etl-processor bench freshness`).
+//!   load, through the real stack (`etl-tools bench freshness`).
 //! - [`memory`]: resident memory with 1,000,000 live keys and while
 //!   ClickHouse is down (cut by the [`outage`] relay) (`bench memory`).
 //!
 //! Each bench prints a progress line to stderr about once a second
 //! ([`Progress`]) and its figures as a small aligned table to stdout
 //! ([`print_table`]), and returns its [`Verdict`]s on the goals;
-//! [`all`] (`etl-processor bench all`) runs every bench and ends with them.
+//! [`all`] (`etl-tools bench all`) runs every bench and ends with them.
 
 pub mod core;
 pub mod freshness;
@@ -29,7 +29,7 @@ pub mod synthetic;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use etl::config::Config;
 
 /// One performance goal as a bench measured it.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,4 +1,4 @@
-//! `etl-processor bench pipeline`: the whole processor against a bare
+//! `etl-tools bench pipeline`: the whole processor against a bare
 //! consumer, on the same preloaded topics, in one run.
 //!
 //! The broker is librdkafka's mock cluster, in this process: it is not the
@@ -11,10 +11,10 @@
 //! 1. Preload: synthetic Debezium messages ([`super::synthetic`]) into the
 //!    four table topics (lz4, as the stack's Debezium forwarder writes).
 //! 2. Bare consumer: a `BaseConsumer` with the processor's own consumer
-//!    settings ([`crate::source::kafka::consumer_config`]) and subscription,
+//!    settings ([`etl::source::kafka::consumer_config`]) and subscription,
 //!    in a fresh group, reads every message once, counting messages and
 //!    bytes and nothing else.
-//! 3. Pipeline: what `etl-processor run` runs ([`crate::app::run`]), in this
+//! 3. Pipeline: what `etl-processor run` runs ([`etl::app::run`]), in this
 //!    process, in a fresh consumer group, into a fresh ClickHouse database
 //!    (the stack's server, ETL_CLICKHOUSE_URL), timed from its start until
 //!    every partition's committed offset is at the end of the partition
@@ -31,17 +31,17 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseProducer, Producer as _};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 
 use super::synthetic::{produce_with, Compression, Produced, Schemas, Spec};
 use super::{load_average, print_table, thousands, Progress, Verdict};
-use crate::cdc::Table;
-use crate::config::{Config, KafkaConfig};
-use crate::replay::{money, AllAggregates};
-use crate::sink::clickhouse::analytics_ddl;
-use crate::sink::ClickHouseSink;
-use crate::source::kafka::{consumer_config, topic_pattern};
+use etl::cdc::Table;
+use etl::config::{Config, KafkaConfig};
+use etl::replay::{money, AllAggregates};
+use etl::sink::clickhouse::analytics_ddl;
+use etl::sink::ClickHouseSink;
+use etl::source::kafka::{consumer_config, topic_pattern};
+use etl_testkit::{workspace_binary, MockBroker};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -69,45 +69,6 @@ pub struct Args {
     /// Keep the ClickHouse databases of the runs (dropped by default).
     #[arg(long)]
     pub keep_databases: bool,
-}
-
-/// librdkafka's mock cluster, owned by an idle producer (the cluster lives
-/// as long as it does). The runtime's in-process tests use it too.
-pub struct MockBroker {
-    owner: BaseProducer,
-    pub bootstrap: String,
-}
-
-impl MockBroker {
-    pub fn start() -> anyhow::Result<MockBroker> {
-        let owner: BaseProducer = ClientConfig::new()
-            .set("test.mock.num.brokers", "1")
-            .create()
-            .context("starting librdkafka's mock cluster")?;
-        let bootstrap = owner
-            .client()
-            .mock_cluster()
-            .context("the client has no mock cluster")?
-            .bootstrap_servers();
-        // Groups form at once instead of after the default 3 s delay.
-        // SAFETY: the mock cluster belongs to `owner`'s client, alive here.
-        unsafe {
-            let cluster =
-                rdkafka::bindings::rd_kafka_handle_mock_cluster(owner.client().native_ptr());
-            anyhow::ensure!(!cluster.is_null(), "the client has no mock cluster");
-            rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(cluster, 0);
-        }
-        Ok(MockBroker { owner, bootstrap })
-    }
-
-    pub fn create_topic(&self, topic: &str, partitions: i32) -> anyhow::Result<()> {
-        self.owner
-            .client()
-            .mock_cluster()
-            .context("the client has no mock cluster")?
-            .create_topic(topic, partitions, 1)
-            .with_context(|| format!("creating topic {topic} on the mock cluster"))
-    }
 }
 
 /// Every (topic, partition) of the table topics with its end offset.
@@ -432,7 +393,7 @@ fn in_process(
     let processor = std::thread::Builder::new()
         .name("bench-processor".into())
         .spawn(move || {
-            crate::app::run(config, async move {
+            etl::app::run(config, async move {
                 let _ = stopped.await;
                 "the benchmark is done"
             })
@@ -448,7 +409,7 @@ fn in_process(
         .join()
         .map_err(|_| anyhow::anyhow!("the processor thread panicked"))?;
     match result.context("the processor failed")? {
-        crate::app::Outcome::Stopped => committed,
+        etl::app::Outcome::Stopped => committed,
         early => bail!("the processor ended early: {early:?}"),
     }
 }
@@ -461,7 +422,7 @@ fn processes(
     ends: &Ends,
     timeout: Duration,
 ) -> anyhow::Result<Committed> {
-    let exe = std::env::current_exe().context("finding the etl-processor binary")?;
+    let exe = workspace_binary("etl-processor")?;
     let started = Instant::now();
     let mut children: Vec<Child> = Vec::new();
     let spawned = (0..instances).try_for_each(|_| {

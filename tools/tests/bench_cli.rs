@@ -1,11 +1,9 @@
-//! `etl-processor bench all --smoke`: every bench runs end to end against the
+//! `etl-tools bench all --smoke`: every bench runs end to end against the
 //! real stack and ends with a verdict on each goal. The sizes are small and
 //! the build is a debug one, so the figures are not judged here; what is
 //! checked is that each bench ran to its end, which includes the benches' own
 //! checks (the pipeline's and memory runs' totals in ClickHouse equal the
 //! events' totals, every partition committed, freshness markers seen).
-
-mod common;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -15,8 +13,8 @@ use tokio::process::Command;
 #[tokio::test]
 #[ignore = "needs the real stack: run scripts/test"]
 async fn bench_all_runs_every_bench_and_judges_every_goal() {
-    let stack = common::Stack::load();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etl-processor"));
+    let stack = etl_testkit::Stack::load();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etl-tools"));
     cmd.args(["bench", "all", "--smoke"])
         .envs(stack.vars())
         .env("ETL_LOG", "warn")

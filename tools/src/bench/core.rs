@@ -1,4 +1,4 @@
-//! `etl-processor bench core`: the decode + aggregate core on one thread.
+//! `etl-tools bench core`: the decode + aggregate core on one thread.
 //!
 //! Synthetic Debezium messages ([`super::synthetic`]) go through
 //!
@@ -16,15 +16,15 @@
 //! only decoding and applying are timed. Everything runs on the calling
 //! thread: events per second are events per second per core.
 //!
-//! [`AggregateState::apply`]: crate::aggregate::AggregateState::apply
+//! [`AggregateState::apply`]: etl::aggregate::AggregateState::apply
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use super::synthetic::{Generator, Message, Schemas, Spec};
 use super::{load_average, median, print_table, thousands, Progress, Verdict};
-use crate::cdc::{self, Decoded};
-use crate::replay::AllAggregates;
+use etl::cdc::{self, Decoded};
+use etl::replay::AllAggregates;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -173,11 +173,11 @@ pub mod naive {
     use serde_json::Value;
 
     use crate::bench::synthetic::Message;
-    use crate::cdc::{
+    use etl::cdc::{
         Change, Customer, Op, Order, OrderItem, Origin, Position, Product, ProductKey, SnapshotId,
         Table, TableChange,
     };
-    use crate::replay::AllAggregates;
+    use etl::replay::AllAggregates;
 
     /// Decodes and applies a chunk; returns the messages that did not decode.
     #[inline(never)]
@@ -562,7 +562,7 @@ pub fn run(args: Args) -> anyhow::Result<Vec<Verdict>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cdc::TableChange;
+    use etl::cdc::TableChange;
 
     fn assert_same_totals(schemas: Schemas) {
         let spec = Spec {
@@ -607,14 +607,12 @@ mod tests {
             "schemas_off_double.jsonl",
             "schemas_on_precise.jsonl",
         ] {
-            let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+            let path = etl_testkit::fixture(name);
             for line in std::fs::read_to_string(path).unwrap().lines() {
                 let record: serde_json::Value = serde_json::from_str(line).unwrap();
-                let table = crate::cdc::Table::from_topic(
-                    record["topic"].as_str().unwrap(),
-                    "online_store",
-                )
-                .unwrap();
+                let table =
+                    etl::cdc::Table::from_topic(record["topic"].as_str().unwrap(), "online_store")
+                        .unwrap();
                 let value = match &record["value"] {
                     serde_json::Value::Null => None,
                     v => Some(serde_json::to_vec(v).unwrap()),
@@ -623,7 +621,7 @@ mod tests {
                     Decoded::Change(c, origin) => Some((c, origin)),
                     _ => None,
                 };
-                let naive: Option<(TableChange, crate::cdc::Origin)> =
+                let naive: Option<(TableChange, etl::cdc::Origin)> =
                     naive::decode(table, value.as_deref()).unwrap();
                 assert_eq!(ours, naive, "{name}: {line}");
             }

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::config::Config;
-use crate::sink::ClickHouseSink;
+use etl::config::Config;
+use etl::sink::ClickHouseSink;
+use etl_testkit::workspace_binary;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FreshnessArgs {
@@ -137,15 +138,20 @@ impl Drop for Running {
     }
 }
 
-fn spawn(args: &[&str], env: &[(&str, &str)], log: &std::path::Path) -> anyhow::Result<Child> {
+fn spawn(
+    program: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log: &std::path::Path,
+) -> anyhow::Result<Child> {
     let log = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    Command::new(std::env::current_exe()?)
+    Command::new(program)
         .args(args)
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .context("starting etl-processor")
+        .with_context(|| format!("starting {}", program.display()))
 }
 
 pub async fn run(args: &FreshnessArgs, config: &Config) -> anyhow::Result<Freshness> {
@@ -176,6 +182,7 @@ pub async fn run(args: &FreshnessArgs, config: &Config) -> anyhow::Result<Freshn
     // first, then keeps up with the load.
     let _processor = Running(
         spawn(
+            &workspace_binary("etl-processor")?,
             &["run"],
             &[
                 ("ETL_CLICKHOUSE_DATABASE", &run_id),
@@ -216,6 +223,7 @@ pub async fn run(args: &FreshnessArgs, config: &Config) -> anyhow::Result<Freshn
     let load = args.load.to_string();
     let _loadgen = Running(
         spawn(
+            &std::env::current_exe()?,
             &["loadgen", "--rate", &load],
             &[],
             &logs.join("loadgen.log"),

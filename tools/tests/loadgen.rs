@@ -1,10 +1,8 @@
-//! `etl-processor loadgen`: what it reports is what it wrote, at the rate it
+//! `etl-tools loadgen`: what it reports is what it wrote, at the rate it
 //! was asked for, and every order it wrote is consistent (its total is the sum
 //! of its lines). The stack tests count the rows loadgen's customers got
 //! since the test started, so they assume no other loadgen writes to the
 //! stack's Postgres meanwhile (they run one at a time among themselves).
-
-mod common;
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -15,10 +13,10 @@ use tokio::process::Command;
 /// One stack test at a time: they count rows by time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-use etl::loadgen::{APPLICATION_NAME, EMAIL_PATTERN};
+use etl_tools::loadgen::{APPLICATION_NAME, EMAIL_PATTERN};
 
 fn loadgen(args: &[&str], postgres_url: Option<&str>) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etl-processor"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etl-tools"));
     cmd.arg("loadgen").args(args);
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ETL_")) {
         cmd.env_remove(k);
@@ -93,7 +91,9 @@ struct StackRun {
 impl StackRun {
     async fn start() -> StackRun {
         let _serial = SERIAL.lock().await;
-        let url = common::Stack::load().get("ETL_POSTGRES_URL").to_owned();
+        let url = etl_testkit::Stack::load()
+            .get("ETL_POSTGRES_URL")
+            .to_owned();
         let pg = postgres(&url).await;
         let since = server_now(&pg).await;
         StackRun {

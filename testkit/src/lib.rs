@@ -1,19 +1,52 @@
-//! Shared by the integration tests: the endpoints of the running stack
-//! (`scripts/stack up` writes them to `$STACK_DIR/stack.env`) and fresh,
-//! per-test ClickHouse databases built from `init/clickhouse`.
-#![allow(dead_code)]
+//! The test kit, shared by the integration tests and the tools' benches: the
+//! endpoints of the running stack (`scripts/stack up` writes them to
+//! `$STACK_DIR/stack.env`), fresh per-test ClickHouse databases built from
+//! `init/clickhouse`, the processor run as a child process (`pipeline`), and
+//! librdkafka's mock cluster (`mock_broker`). Nothing of it ships in the
+//! processor.
 
+pub mod mock_broker;
 pub mod pipeline;
+
+pub use mock_broker::MockBroker;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use etl::config::{ClickHouseConfig, Validation};
 use etl::sink::ClickHouseSink;
 
+/// The repository's root (the test kit is one of its workspace members).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let kit = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    kit.parent()
+        .expect("the test kit lies in the repository")
+        .to_owned()
+}
+
+/// A binary of this workspace, built next to the running test or tool
+/// (`target/<profile>/<name>`): `etl-processor`, or `etl-tools`, whose tests
+/// a workspace build compiles alongside. A binary of another package has no
+/// `CARGO_BIN_EXE_` variable, hence the lookup.
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .context("the running executable has no directory")?;
+    // A test runs from target/<profile>/deps, a binary from target/<profile>.
+    let profile = match dir.parent() {
+        Some(parent) if dir.ends_with("deps") => parent,
+        _ => dir,
+    };
+    let binary = profile.join(name);
+    anyhow::ensure!(
+        binary.is_file(),
+        "{} is not built: build the workspace first (cargo build --workspace, with the same profile)",
+        binary.display()
+    );
+    Ok(binary)
 }
 
 /// The stack's endpoints. Panics (the test fails) when the stack is not up:
@@ -68,7 +101,6 @@ impl Stack {
     }
 }
 
-#[allow(unused_imports)] // used by some test crates only
 pub use etl::sink::clickhouse::analytics_ddl;
 
 /// A new, empty analytics database named `db` (dropped first if it exists).

@@ -1,4 +1,4 @@
-//! `etl-processor bench memory`: the processor's resident memory with many
+//! `etl-tools bench memory`: the processor's resident memory with many
 //! live aggregate keys, and while ClickHouse is down.
 //!
 //! One `etl-processor run` process reads synthetic events from the mock
@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use super::outage::{host_port, Relay};
-use super::pipeline::{check_retention, wait_committed, MockBroker};
+use super::pipeline::{check_retention, wait_committed};
 use super::synthetic::{produce_with, Compression, Generator, Produced, Schemas, Spec};
 use super::{load_average, print_table, thousands, Verdict};
-use crate::cdc::{Op, Table};
-use crate::config::Config;
-use crate::sink::ClickHouseSink;
+use etl::cdc::{Op, Table};
+use etl::config::Config;
+use etl::sink::ClickHouseSink;
+use etl_testkit::{workspace_binary, MockBroker};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct MemoryArgs {
@@ -156,7 +157,7 @@ pub fn run(args: MemoryArgs, config: &Config) -> anyhow::Result<Vec<Verdict>> {
     eprintln!("bench memory: the processor logs to {}", log_path.display());
     let started = Instant::now();
     let processor = Processor(
-        Command::new(std::env::current_exe()?)
+        Command::new(workspace_binary("etl-processor")?)
             .arg("run")
             .env("ETL_KAFKA_BROKERS", &broker.bootstrap)
             .env("ETL_KAFKA_GROUP_ID", &group)
@@ -335,7 +336,7 @@ async fn live_keys(config: &Config, db: &str) -> anyhow::Result<LiveKeys> {
         .fetch_one()
         .await?;
     let mut rows = 0;
-    for table in crate::registry::names() {
+    for table in etl::registry::names() {
         let n: u64 = sink
             .client()
             .query(&format!("SELECT count() FROM {db}.{table} FINAL"))

@@ -50,8 +50,8 @@ use rdkafka::ClientContext;
 
 use super::{thousands, Progress};
 use crate::catalog::{Status, FIRST_NAMES, GOODS, LAST_NAMES, QUANTITIES, VARIANTS};
-use crate::cdc::{Op, Table};
-use crate::config::Config;
+use etl::cdc::{Op, Table};
+use etl::config::Config;
 
 /// Whether messages carry their Connect schema (JsonConverter's
 /// `schemas.enable`).
@@ -1303,7 +1303,7 @@ pub fn create_topics(brokers: &str, prefix: &str, partitions: i32) -> anyhow::Re
     Ok(())
 }
 
-/// `etl-processor produce`: synthetic Debezium events into the topics of
+/// `etl-tools produce`: synthetic Debezium events into the topics of
 /// ETL_KAFKA_BROKERS and ETL_TOPIC_PREFIX.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProduceArgs {
@@ -1367,7 +1367,7 @@ mod tests {
     use std::collections::{BTreeSet, HashSet};
 
     use super::*;
-    use crate::cdc::{decode_event, Decoded, TableChange};
+    use etl::cdc::{decode_event, decode_with_serde, Decoded, TableChange};
 
     fn spec(events: u64, schemas: Schemas) -> Spec {
         Spec {
@@ -1397,7 +1397,7 @@ mod tests {
     /// first run's), which the aggregates take without an error or a repeat.
     #[test]
     fn a_second_run_without_the_snapshot_continues_the_stream() {
-        let mut all = crate::replay::AllAggregates::default();
+        let mut all = etl::replay::AllAggregates::default();
         let mut next: HashMap<(Table, i32), i64> = HashMap::new();
         let mut applied = 0;
         for (seed, snapshot) in [(1, true), (2, false)] {
@@ -1409,7 +1409,7 @@ mod tests {
             for message in Generator::new(spec) {
                 let offset = next.entry((message.table, message.partition)).or_default();
                 if let Decoded::Change(change, origin) = decoded(&message) {
-                    assert!(snapshot || change.op() != crate::cdc::Op::Read);
+                    assert!(snapshot || change.op() != etl::cdc::Op::Read);
                     let done = all
                         .apply(message.partition, *offset, origin, &change)
                         .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -1423,20 +1423,58 @@ mod tests {
     }
 
     /// The core bench measures the scanner: every synthetic message must be
-    /// one it reads, positions included, not one it leaves to serde.
+    /// one it reads, positions included, not one it leaves to serde. And it
+    /// reads each as the serde path does, as it is and with random damage
+    /// (the core's own test does the same on the captured connector output).
     #[test]
-    fn the_scanner_reads_every_message() {
-        for schemas in [Schemas::Off, Schemas::On] {
-            for message in Generator::new(spec(5_000, schemas)) {
-                if let Some(value) = &message.value {
-                    assert!(
-                        crate::cdc::scanned(value),
-                        "{}",
-                        String::from_utf8_lossy(value)
-                    );
+    fn the_scanner_reads_every_message_as_serde_does() {
+        let noise = b"\"\\{}[],:0123456789-+.eEntfu \x01\xff\xc3";
+        let mut rng = fastrand::Rng::with_seed(11);
+        let (mut ok, mut failed) = (0, 0);
+        for (schemas, events) in [(Schemas::Off, 3_000), (Schemas::On, 600)] {
+            let spec = Spec {
+                keys: 50,
+                ..spec(events, schemas)
+            };
+            for message in Generator::new(spec) {
+                let Some(value) = &message.value else {
+                    continue;
+                };
+                let text = || String::from_utf8_lossy(value).into_owned();
+                assert!(etl::cdc::scanned(value), "{}", text());
+                let scanner = decode_event(message.table, Some(value));
+                assert!(scanner.is_ok(), "{}", text());
+                assert_eq!(
+                    scanner,
+                    decode_with_serde(message.table, value),
+                    "{}",
+                    text()
+                );
+                for _ in 0..30 {
+                    let mut damaged = value.clone();
+                    for _ in 0..rng.usize(1..3) {
+                        let at = rng.usize(0..damaged.len());
+                        match rng.u8(0..3) {
+                            0 => {
+                                damaged.remove(at);
+                            }
+                            1 => damaged.insert(at, noise[rng.usize(0..noise.len())]),
+                            _ => damaged[at] = noise[rng.usize(0..noise.len())],
+                        }
+                    }
+                    let scanner = decode_event(message.table, Some(&damaged));
+                    if scanner.is_ok() {
+                        ok += 1;
+                    } else {
+                        failed += 1;
+                    }
+                    let serde = decode_with_serde(message.table, &damaged);
+                    assert_eq!(scanner, serde, "{}", String::from_utf8_lossy(&damaged));
                 }
             }
         }
+        // Both outcomes were exercised.
+        assert!(ok > 1_000 && failed > 1_000, "{ok} {failed}");
     }
 
     #[test]
@@ -1544,7 +1582,7 @@ mod tests {
 
     /// The first captured event of `table` (tests/fixtures) and its key.
     fn captured(file: &str, table: Table) -> (serde_json::Value, serde_json::Value) {
-        let path = format!("{}/tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
+        let path = etl_testkit::fixture(file);
         let text = std::fs::read_to_string(path).unwrap();
         let topic = table.topic("online_store");
         text.lines()

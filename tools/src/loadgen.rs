@@ -1,4 +1,4 @@
-//! `etl-processor loadgen`: a realistic, seeded store workload written into
+//! `etl-tools loadgen`: a realistic, seeded store workload written into
 //! Postgres at a target rate of new orders, with `now()` timestamps so that
 //! live dashboards move.
 //!
@@ -39,7 +39,7 @@ use rust_decimal::Decimal;
 use tokio::time::Instant;
 
 use crate::catalog::{FIRST_NAMES, GOODS, LAST_NAMES, QUANTITIES, VARIANTS};
-use crate::config::ConfigError;
+use etl::config::ConfigError;
 
 /// The sequences of the four tables are moved up to at least this value, far
 /// above the explicit ids of the test workload (see the module docs) and
@@ -616,7 +616,7 @@ fn micros(d: Duration) -> u64 {
 
 // ------------------------------------------------------------------- CLI --
 
-/// `etl-processor loadgen` flags.
+/// `etl-tools loadgen` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// New orders per second (0: exit at once, e.g. to turn it off).
@@ -669,16 +669,16 @@ pub fn command(
                 why: "loadgen writes the store's tables (e.g. postgres://user@host:5432/online_store)"
                     .into(),
             };
-            eprintln!("etl-processor: {e}");
+            eprintln!("etl-tools: {e}");
             return Ok(ExitCode::from(2));
         }
         Err(e) => {
-            eprintln!("etl-processor: {e}");
+            eprintln!("etl-tools: {e}");
             return Ok(ExitCode::from(2));
         }
     };
     if let Err(e) = url.parse::<tokio_postgres::Config>() {
-        eprintln!("etl-processor: setting ETL_POSTGRES_URL: not a valid Postgres URL: {e}");
+        eprintln!("etl-tools: setting ETL_POSTGRES_URL: not a valid Postgres URL: {e}");
         return Ok(ExitCode::from(2));
     }
     let seed = args.seed.unwrap_or_else(|| {
@@ -891,7 +891,7 @@ fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 /// The `application_name` of loadgen's sessions unless the URL sets one.
-pub const APPLICATION_NAME: &str = "etl-processor loadgen";
+pub const APPLICATION_NAME: &str = "etl-tools loadgen";
 
 async fn connect(url: &str) -> Result<Db, tokio_postgres::Error> {
     let mut config: tokio_postgres::Config = url.parse()?;

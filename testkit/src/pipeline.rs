@@ -12,7 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{eventually, repo_root, Stack};
+use crate::{eventually, repo_root, workspace_binary, Stack};
 
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 pub const CATCH_UP: Duration = Duration::from_secs(120);
@@ -116,7 +116,7 @@ impl Run {
         let logs = repo_root().join("target/e2e-logs").join(&database);
         std::fs::create_dir_all(&logs).unwrap();
         eprintln!("{name}: database {database}, logs in {}", logs.display());
-        super::fresh_analytics_db(&stack, &database).await;
+        crate::fresh_analytics_db(&stack, &database).await;
         let run = Run {
             topic_prefix: stack.get("ETL_TOPIC_PREFIX").to_owned(),
             dead_letter_topic: format!("{database}.dead_letter"),
@@ -165,8 +165,19 @@ impl Run {
         );
     }
 
+    /// `etl-processor` with `args`, set up for this run's stack, database,
+    /// group and topics.
     pub fn processor_command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_etl-processor"));
+        self.command("etl-processor", args)
+    }
+
+    /// `etl-tools` with `args` (`loadgen`, say), set up as the processor is.
+    pub fn tools_command(&self, args: &[&str]) -> Command {
+        self.command("etl-tools", args)
+    }
+
+    fn command(&self, binary: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(workspace_binary(binary).unwrap());
         cmd.args(args);
         for (k, v) in self.stack.vars() {
             if k.starts_with("ETL_") {
