@@ -97,10 +97,13 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
-    /// How long revoked partitions may take to drain and flush before they
-    /// count as lost: half the poll interval, so that the member answers
-    /// the rebalance in time, with room for the assignment that follows.
-    pub fn release_deadline(&self) -> Duration {
+    /// How long each rebalance callback may take, half the poll interval,
+    /// so that the member answers the rebalance in time, with room for the
+    /// other callback: revoked partitions not drained and flushed by then
+    /// count as lost; assigned ones not loaded by then end the run (the
+    /// loads never wait longer, nor does a rewind's, which holds the poll
+    /// loop as well).
+    pub fn rebalance_deadline(&self) -> Duration {
         self.max_poll_interval / 2
     }
 }
@@ -767,7 +770,7 @@ mod tests {
     fn the_poll_interval_outlasts_the_session_and_gives_releases_half() {
         let c = config(&[], None).unwrap();
         assert_eq!(c.kafka.max_poll_interval, Duration::from_secs(300));
-        assert_eq!(c.kafka.release_deadline(), Duration::from_secs(150));
+        assert_eq!(c.kafka.rebalance_deadline(), Duration::from_secs(150));
         let err = config(
             &[
                 ("ETL_KAFKA_MAX_POLL_INTERVAL_MS", "10000"),

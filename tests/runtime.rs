@@ -178,10 +178,15 @@ impl Processor {
             .expect("the processor runs")
     }
 
-    /// Asks it to stop and waits for it, however its run ends.
-    fn abandon(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
+    /// Waits for its run to end in an error (without asking it to stop),
+    /// and returns the error as the binary would print it.
+    fn failure(self) -> String {
+        let error = self
+            .thread
+            .join()
+            .expect("the processor thread does not panic")
+            .expect_err("the run ends in an error");
+        format!("{error:#}")
     }
 }
 
@@ -357,20 +362,54 @@ fn a_member_whose_release_misses_the_deadline_hands_its_partitions_over_as_lost(
     // again from the start.
     await_exact(&store, &topics, Duration::from_secs(60));
     assert_eq!(stuck.writes(), 0);
-    // The stuck member may hold partitions again after the handover, stuck
-    // loading them (its flush never lands), until the poll interval throws
-    // it out of the group; then the second member owns them all and
-    // commits every partition to its end.
+    // The handover gives the stuck member half of each topic again. It
+    // cannot load them (the load waits for its flush, which never lands),
+    // and its run ends at the load's deadline, which leaves the group to
+    // the second member: it owns every partition then, and commits each to
+    // its end.
     await_until("every partition committed", Duration::from_secs(40), || {
         topics.committed("deadline") == topics.ends
     });
     assert_eq!(second.stop(), Outcome::Stopped);
-    // The first member's flush, let go at last, lands late: the rows it
-    // holds lose to the second member's (their offsets are not higher).
+    let said = first.failure();
+    assert!(said.contains("did not finish within 5s"), "{said}");
     drop(held);
-    await_until("the late flush to land", Duration::from_secs(10), || {
-        stuck.writes() >= 1
-    });
-    first.abandon();
+    assert_eq!(stuck.writes(), 0);
     assert_eq!(differences(&store, &topics.expected), Vec::<String>::new());
+}
+
+#[test]
+fn a_load_that_never_answers_ends_the_run_at_the_rebalance_deadline() {
+    let _serial = one_at_a_time();
+    let topics = preload(2_000, 2);
+    let store = MemoryStore::default();
+    // Every read of stored state waits: the assignment cannot be loaded.
+    let _held = store.hold_loads();
+    let settings = [("ETL_KAFKA_MAX_POLL_INTERVAL_MS", "10000")];
+    let started = Instant::now();
+    let processor = Processor::start(topics.config("load-deadline", &settings), store.clone());
+    await_until("a load to wait", Duration::from_secs(20), || {
+        store.loads_waiting() >= 1
+    });
+    await_until("the run to end", Duration::from_secs(30), || {
+        processor.thread.is_finished()
+    });
+    let ended = started.elapsed();
+    let said = processor.failure();
+    assert!(
+        said.contains("did not finish within 5s (half of ETL_KAFKA_MAX_POLL_INTERVAL_MS)"),
+        "{said}"
+    );
+    // Not before the deadline (5 s, half the poll interval).
+    assert!(ended >= Duration::from_millis(4_500), "{ended:?}");
+    // Nothing was counted, so nothing was stored or committed.
+    assert_eq!(store.writes(), 0);
+    assert!(
+        topics
+            .committed("load-deadline")
+            .iter()
+            .all(|(_, _, at)| *at == 0),
+        "{:?}",
+        topics.committed("load-deadline")
+    );
 }

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use dashmap::DashMap;
-use futures::executor::block_on;
 
 use super::aggregator::{Acquire, Acquired, AggregatorActor, ApplyChanges, Lease, Release};
 use super::partition::{Decode, Drain, Inflight, PartitionActor, SetLease};
@@ -48,9 +47,9 @@ pub struct Pipeline {
     next_decoder: AtomicUsize,
     /// The aggregators' thread, where releases run.
     arbiter: ArbiterHandle,
-    /// How long revoked partitions may take to flush before they count as
-    /// lost: the group waits for this member meanwhile.
-    release_deadline: Duration,
+    /// How long a rebalance callback (a release, a load) may take: the
+    /// group waits for this member meanwhile.
+    rebalance_deadline: Duration,
     supervision: Supervision,
     policies: SupervisionConfig,
     faults: Arc<FaultConfig>,
@@ -63,9 +62,10 @@ pub struct Pipeline {
     max_inflight: usize,
 }
 
-/// How often and how patiently a partition's state is loaded.
-const ACQUIRE_ATTEMPTS: u32 = 5;
+/// The pause between two tries to load a partition's state, at first and
+/// at most; the tries go on until the rebalance deadline.
 const ACQUIRE_FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const ACQUIRE_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What the pipeline needs from its surroundings.
 pub struct Wiring<S: Store> {
@@ -102,7 +102,7 @@ impl Pipeline {
                 .collect(),
             next_decoder: AtomicUsize::new(0),
             arbiter: here,
-            release_deadline: config.kafka.release_deadline(),
+            rebalance_deadline: config.kafka.rebalance_deadline(),
             supervision: wiring.supervision,
             policies: config.supervision.clone(),
             faults,
@@ -122,34 +122,60 @@ impl Pipeline {
     }
 
     /// Has the aggregator (re)load the partitions; returns their new leases
-    /// and highest stored offsets, in the same order.
+    /// and highest stored offsets, in the same order. Tries again while the
+    /// load fails, and gives up at the rebalance deadline: the group (or
+    /// the poll loop) is waiting, and an answer that comes later would come
+    /// too late for it anyway.
     fn acquire(
         &self,
         table: Table,
         handle: &AggregatorHandle,
         partitions: &[i32],
     ) -> anyhow::Result<Vec<Acquired>> {
+        let deadline = Instant::now() + self.rebalance_deadline;
         let mut backoff = ACQUIRE_FIRST_BACKOFF;
-        let mut attempt = 1;
+        let mut attempt = 0;
         loop {
-            let acquire = Acquire {
-                partitions: partitions.to_vec(),
-            };
+            attempt += 1;
             let answer = match (handle.acquire)() {
-                Some(route) => block_on(route.send(acquire))
-                    .unwrap_or_else(|e| Err(format!("the aggregator ended: {e}"))),
+                Some(route) => {
+                    let (answered, answer) = std::sync::mpsc::channel();
+                    let acquire = Acquire {
+                        partitions: partitions.to_vec(),
+                    };
+                    self.arbiter.spawn(async move {
+                        let answer = route
+                            .send(acquire)
+                            .await
+                            .unwrap_or_else(|e| Err(format!("the aggregator ended: {e}")));
+                        let _ = answered.send(answer);
+                    });
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    answer.recv_timeout(left).unwrap_or_else(|e| match e {
+                        std::sync::mpsc::RecvTimeoutError::Timeout => {
+                            Err("no answer yet".to_owned())
+                        }
+                        std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                            Err("the actor system is stopping".to_owned())
+                        }
+                    })
+                }
                 None => Err("the aggregator is restarting".to_owned()),
             };
-            match answer {
+            let e = match answer {
                 Ok(leases) => return Ok(leases),
-                Err(e) if attempt < ACQUIRE_ATTEMPTS => {
-                    tracing::warn!(%table, ?partitions, attempt, error = %e, "loading partition state failed; retrying");
-                    std::thread::sleep(backoff);
-                    backoff *= 2;
-                    attempt += 1;
-                }
-                Err(e) => anyhow::bail!("loading {table} partitions {partitions:?} state: {e}"),
+                Err(e) => e,
+            };
+            let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+            if pause.is_zero() {
+                anyhow::bail!(
+                    "loading the state of {table} partitions {partitions:?} did not finish within {:?} (half of ETL_KAFKA_MAX_POLL_INTERVAL_MS), after {attempt} tries: {e}",
+                    self.rebalance_deadline
+                );
             }
+            tracing::warn!(%table, ?partitions, attempt, error = %e, "loading partition state failed; retrying");
+            std::thread::sleep(pause);
+            backoff = (backoff * 2).min(ACQUIRE_MAX_BACKOFF);
         }
     }
 
@@ -314,7 +340,7 @@ impl Downstream for Pipeline {
     }
 
     fn revoked(&self, partitions: &[(String, i32)], lost: bool) -> Vec<(String, i32, i64)> {
-        let deadline = Instant::now() + self.release_deadline;
+        let deadline = Instant::now() + self.rebalance_deadline;
         // One release per aggregator, all under way at once: each drains the
         // partitions' actors (every batch delivered before is applied or
         // dropped), then flushes their rows in one insert.
@@ -370,7 +396,7 @@ impl Downstream for Pipeline {
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     telemetry::release_deadline_missed();
-                    tracing::warn!(deadline = ?self.release_deadline, "releasing the revoked partitions missed its deadline (half of ETL_KAFKA_MAX_POLL_INTERVAL_MS): those not flushed yet are handed over as lost, and their next owner replays them from the last commit");
+                    tracing::warn!(deadline = ?self.rebalance_deadline, "releasing the revoked partitions missed its deadline (half of ETL_KAFKA_MAX_POLL_INTERVAL_MS): those not flushed yet are handed over as lost, and their next owner replays them from the last commit");
                     break;
                 }
             }

@@ -1,6 +1,6 @@
 //! An aggregate store in memory, for the runtime's in-process tests: the
 //! same semantics as the ClickHouse tables, plus switches a test holds to
-//! make writes wait.
+//! make writes or loads wait.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -23,22 +23,51 @@ pub struct MemoryStore {
     gate: Arc<Gate>,
 }
 
+#[derive(Default)]
 struct Gate {
-    /// False while a test holds the writes.
-    open: watch::Sender<bool>,
-    /// Writes waiting for the gate to open.
-    waiting: AtomicUsize,
+    writes: Switch,
+    loads: Switch,
     /// Writes stored through the gate.
-    writes: AtomicUsize,
+    stored: AtomicUsize,
 }
 
-impl Default for Gate {
+/// What a test holds to make one kind of call wait.
+struct Switch {
+    /// False while a test holds the calls.
+    open: watch::Sender<bool>,
+    /// Calls waiting for it to open.
+    waiting: AtomicUsize,
+}
+
+impl Default for Switch {
     fn default() -> Self {
-        Gate {
+        Switch {
             open: watch::Sender::new(true),
             waiting: AtomicUsize::new(0),
-            writes: AtomicUsize::new(0),
         }
+    }
+}
+
+impl Switch {
+    fn hold(&self) -> Held {
+        self.open.send_replace(false);
+        Held(self.open.clone())
+    }
+
+    fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Returns once the switch is open.
+    async fn passed(&self) {
+        let mut open = self.open.subscribe();
+        if *open.borrow_and_update() {
+            return;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        // The sender lives in the switch, as long as the caller.
+        let _ = open.wait_for(|open| *open).await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -59,10 +88,10 @@ impl<A: Aggregate> Default for Table<A> {
     }
 }
 
-/// Writes wait while this is held.
-pub struct HeldWrites(watch::Sender<bool>);
+/// Writes (or loads) wait while this is held.
+pub struct Held(watch::Sender<bool>);
 
-impl Drop for HeldWrites {
+impl Drop for Held {
     fn drop(&mut self) {
         self.0.send_replace(true);
     }
@@ -79,19 +108,29 @@ impl MemoryStore {
 
     /// Makes every write through this gate wait until the returned guard
     /// is dropped.
-    pub fn hold_writes(&self) -> HeldWrites {
-        self.gate.open.send_replace(false);
-        HeldWrites(self.gate.open.clone())
+    pub fn hold_writes(&self) -> Held {
+        self.gate.writes.hold()
     }
 
     /// Writes waiting at this gate.
     pub fn writes_waiting(&self) -> usize {
-        self.gate.waiting.load(Ordering::SeqCst)
+        self.gate.writes.waiting()
     }
 
     /// Writes stored through this gate so far.
     pub fn writes(&self) -> usize {
-        self.gate.writes.load(Ordering::SeqCst)
+        self.gate.stored.load(Ordering::SeqCst)
+    }
+
+    /// Makes every read of stored state (a partition's rows, its highest
+    /// offsets) through this gate wait until the returned guard is dropped.
+    pub fn hold_loads(&self) -> Held {
+        self.gate.loads.hold()
+    }
+
+    /// Reads waiting at this gate.
+    pub fn loads_waiting(&self) -> usize {
+        self.gate.loads.waiting()
     }
 
     /// Every row of `A` that counts, in no particular order.
@@ -118,17 +157,6 @@ impl MemoryStore {
             .downcast_mut()
             .expect("one table type per aggregate name")
     }
-
-    async fn opened(&self) {
-        let mut open = self.gate.open.subscribe();
-        if *open.borrow_and_update() {
-            return;
-        }
-        self.gate.waiting.fetch_add(1, Ordering::SeqCst);
-        // The sender lives in the gate, as long as `self`.
-        let _ = open.wait_for(|open| *open).await;
-        self.gate.waiting.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 impl Store for MemoryStore {
@@ -140,7 +168,7 @@ impl Store for MemoryStore {
         if rows.is_empty() {
             return Ok(());
         }
-        self.opened().await;
+        self.gate.writes.passed().await;
         // As ClickHouse does: a value its column cannot hold fails the insert.
         for row in rows {
             A::to_row(row)?;
@@ -158,7 +186,7 @@ impl Store for MemoryStore {
                 }
             }
         }
-        self.gate.writes.fetch_add(1, Ordering::SeqCst);
+        self.gate.stored.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -166,6 +194,7 @@ impl Store for MemoryStore {
         &self,
         partitions: &[i32],
     ) -> Result<Rows<A>, SinkError> {
+        self.gate.loads.passed().await;
         let mut tables = self.tables();
         let table = Self::table::<A>(&mut tables);
         Ok(table
@@ -180,6 +209,7 @@ impl Store for MemoryStore {
         &self,
         partitions: &[i32],
     ) -> Result<Vec<(i32, i64)>, SinkError> {
+        self.gate.loads.passed().await;
         let mut tables = self.tables();
         let table = Self::table::<A>(&mut tables);
         let mut highest: HashMap<i32, i64> = HashMap::new();
