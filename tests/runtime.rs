@@ -290,14 +290,27 @@ fn a_store_that_stops_taking_writes_pauses_the_consumer_at_the_inflight_bound() 
 #[cfg(feature = "faults")]
 #[test]
 fn an_aggregator_that_panics_is_restarted_and_its_partitions_replayed_exactly() {
-    use etl::restart::ActorKind;
+    panics_are_restarted_and_replayed_exactly(etl::restart::ActorKind::Aggregator);
+}
+
+#[cfg(feature = "faults")]
+#[test]
+fn a_partition_actor_that_panics_is_replaced_and_its_partition_replayed_exactly() {
+    panics_are_restarted_and_replayed_exactly(etl::restart::ActorKind::Partition);
+}
+
+/// Injected panics in actors of `kind`: each is restarted, its partitions
+/// rewound and replayed, and the totals end exact, every partition
+/// committed to its end.
+#[cfg(feature = "faults")]
+fn panics_are_restarted_and_replayed_exactly(kind: etl::restart::ActorKind) {
     let _serial = one_at_a_time();
     let topics = preload(30_000, 4);
     let store = MemoryStore::default();
     let restarts = || {
         telemetry::counters()
             .restarts
-            .get(&ActorKind::Aggregator)
+            .get(&kind)
             .map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed))
     };
     let rewinds = || -> u64 {
@@ -308,24 +321,28 @@ fn an_aggregator_that_panics_is_restarted_and_its_partitions_replayed_exactly() 
             .sum()
     };
     let (restarts_before, rewinds_before) = (restarts(), rewinds());
+    let name = kind.as_str();
+    let group = format!("panics-{name}");
+    let panics = format!("{name}=0.02");
+    let policy = format!("ETL_RESTART_{}", name.to_uppercase());
     let config = topics.config(
-        "panics",
+        &group,
         &[
-            ("ETL_FAULT_PANIC", "aggregator=0.02"),
+            ("ETL_FAULT_PANIC", &panics),
             ("ETL_FAULT_SEED", "11"),
             ("ETL_BATCH_MAX_RECORDS", "200"),
-            (
-                "ETL_RESTART_AGGREGATOR",
-                "permanent max=1000 within=60s backoff=10ms..200ms",
-            ),
+            (&policy, "permanent max=1000 within=60s backoff=10ms..200ms"),
         ],
     );
     let processor = Processor::start(config, store.clone());
     await_exact(&store, &topics, Duration::from_secs(90));
     assert_eq!(processor.stop(), Outcome::Stopped);
-    assert!(restarts() > restarts_before, "no aggregator was restarted");
+    assert!(
+        restarts() > restarts_before,
+        "no {name} actor was restarted"
+    );
     assert!(rewinds() > rewinds_before, "no partition was rewound");
-    assert_eq!(topics.committed("panics"), topics.ends);
+    assert_eq!(topics.committed(&group), topics.ends);
 }
 
 #[test]

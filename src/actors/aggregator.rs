@@ -1,13 +1,13 @@
 use std::collections::HashMap;
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use super::coordinator::Flushed;
 use super::sink::{SinkActor, Write};
 use super::supervisor::{Fatal, Supervised, Supervision};
 use crate::aggregate::AggregateState;
@@ -16,7 +16,6 @@ use crate::config::FlushConfig;
 use crate::faults::{FaultConfig, PanicInjector};
 use crate::restart::ActorKind;
 use crate::sink::{SinkTable, Store};
-use crate::source::CommitRequest;
 use crate::telemetry::{self, metrics, traces, Queued};
 use opentelemetry::trace::SpanContext;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -85,13 +84,13 @@ pub struct Release {
 
 /// Owns one aggregate's state over the partitions this process holds.
 pub struct AggregatorActor<A: SinkTable, S: Store> {
-    topic: String,
     state: AggregateState<A>,
     /// For loading partitions; writes go through `writer`.
     sink: S,
     writer: Supervised<SinkActor<A, S>>,
     flush: FlushConfig,
-    commits: Sender<CommitRequest>,
+    /// The coordinator, which commits what a flush stored.
+    flushed: Recipient<Flushed>,
     supervision: Supervision,
     /// A fatal error was reported: nothing more is applied, flushed or
     /// committed, since the run is ending.
@@ -103,7 +102,7 @@ pub struct AggregatorActor<A: SinkTable, S: Store> {
     last_flush: Instant,
     /// A flush for a caught-up source is scheduled.
     flush_soon: bool,
-    /// Per partition, the last offset whose commit was requested.
+    /// Per partition, the last offset whose flush was reported.
     committed: HashMap<i32, i64>,
     leases: HashMap<i32, Lease>,
     next_lease: u64,
@@ -136,21 +135,19 @@ struct InFlight<A: SinkTable> {
 
 impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
     pub fn new(
-        topic: String,
         sink: S,
         writer: Supervised<SinkActor<A, S>>,
         flush: FlushConfig,
-        commits: Sender<CommitRequest>,
+        flushed: Recipient<Flushed>,
         supervision: Supervision,
         faults: &Arc<FaultConfig>,
     ) -> Self {
         AggregatorActor {
-            topic,
             state: faults.guard(AggregateState::default()),
             sink,
             writer,
             flush,
-            commits,
+            flushed,
             supervision,
             halted: false,
             updated_since_flush: 0,
@@ -236,12 +233,13 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
                 telemetry::flushed(A::NAME, rows.len() as u64);
                 metrics::record_flush(A::NAME, took);
                 tracing::debug!(aggregate = A::NAME, rows = rows.len(), ?took, "flushed");
-                for (partition, offset) in marks {
+                for &(partition, offset) in &marks {
                     self.committed.insert(partition, offset);
-                    let _ = self.commits.send(CommitRequest {
-                        topic: self.topic.clone(),
-                        partition,
-                        next_offset: offset + 1,
+                }
+                if !marks.is_empty() {
+                    self.flushed.do_send(Flushed {
+                        table: A::SOURCE,
+                        offsets: marks.iter().map(|&(p, o)| (p, o + 1)).collect(),
                     });
                 }
             }
@@ -578,6 +576,20 @@ mod tests {
         }
     }
 
+    /// Takes the flushes' reports where the coordinator would commit them:
+    /// these tests commit nothing.
+    struct NoCommits;
+
+    impl Actor for NoCommits {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Flushed> for NoCommits {
+        type Result = ();
+
+        fn handle(&mut self, _: Flushed, _: &mut Context<Self>) {}
+    }
+
     /// A products aggregator over `store`, with its sink, as the pipeline
     /// starts them.
     fn start(store: &MemoryStore) -> Addr<AggregatorActor<Products, MemoryStore>> {
@@ -594,7 +606,7 @@ mod tests {
             move |_| SinkActor::<Products, MemoryStore>::new(sink.clone(), sink_faults.clone()),
             || {},
         );
-        let (commits, _) = std::sync::mpsc::channel();
+        let flushed = NoCommits.start().recipient();
         let flush = FlushConfig {
             interval: Duration::from_secs(60),
             max_rows: 1_000,
@@ -608,11 +620,10 @@ mod tests {
             RestartPolicy::default_for(ActorKind::Aggregator),
             move |_| {
                 AggregatorActor::new(
-                    "test.public.products".into(),
                     store.clone(),
                     writer.clone(),
                     flush.clone(),
-                    commits.clone(),
+                    flushed.clone(),
                     own.clone(),
                     &faults,
                 )

@@ -14,15 +14,23 @@
 //! - [`SinkActor`]: one per table; inserts rows into the store (ClickHouse,
 //!   or memory in the runtime's tests: `sink::Store`), retrying with backoff
 //!   while it is down.
-//! - [`Pipeline`]: starts them and is what the Kafka source talks to.
+//! - [`Coordinator`]: the one owner of every partition's life (loading,
+//!   live, rewinding, draining): it starts and stops the partition actors,
+//!   has the aggregators load and release partitions, and alone decides
+//!   what is committed.
+//! - [`Pipeline`]: what the Kafka source talks to; it starts the rest and
+//!   turns the source's rebalance hooks into messages to the coordinator,
+//!   answered within the rebalance deadline.
 
 mod aggregator;
+mod coordinator;
 mod partition;
 mod pipeline;
 mod sink;
 pub mod supervisor;
 
 pub use aggregator::{Acquire, AggregatorActor, ApplyChanges, Lease, Release};
+pub use coordinator::Coordinator;
 pub use partition::PartitionActor;
 pub use pipeline::{Pipeline, Wiring};
 pub use sink::SinkActor;

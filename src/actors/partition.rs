@@ -50,9 +50,9 @@ pub struct PartitionActor {
     partition: i32,
     aggregator: Route<ApplyChanges>,
     aggregator_mailbox: Mailbox,
-    /// None until the aggregator has loaded the partition (and again in a
-    /// restarted incarnation, until the partition is rewound): batches are
-    /// dropped meanwhile, to be fetched again from the commit.
+    /// Given when the actor starts, never changed: None in a restarted
+    /// incarnation, which drops every batch (to be fetched again from the
+    /// commit) until the rewind its restart asks for replaces the actor.
     lease: Option<Lease>,
     dead_letters: DeadLetters,
     failure: Failure,
@@ -63,6 +63,7 @@ impl PartitionActor {
     pub fn new(
         table: Table,
         partition: i32,
+        lease: Option<Lease>,
         (aggregator, aggregator_mailbox): (Route<ApplyChanges>, Mailbox),
         dead_letters: DeadLetters,
         faults: &FaultConfig,
@@ -73,7 +74,7 @@ impl PartitionActor {
             partition,
             aggregator,
             aggregator_mailbox,
-            lease: None,
+            lease,
             dead_letters,
             failure,
             panics: PanicInjector::new(faults, ActorKind::Partition),
@@ -103,11 +104,6 @@ pub struct Decode {
     pub queued: Queued,
     pub span: tracing::Span,
 }
-
-/// Start feeding the aggregator under this lease.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SetLease(pub Lease);
 
 /// Answered once every batch sent before it has been handled.
 #[derive(Message)]
@@ -229,14 +225,6 @@ impl OpCounts {
         if let Some(slot) = self.0.iter_mut().find(|(o, _)| *o == op) {
             slot.1 += 1;
         }
-    }
-}
-
-impl Handler<SetLease> for PartitionActor {
-    type Result = ();
-
-    fn handle(&mut self, SetLease(lease): SetLease, _: &mut Self::Context) {
-        self.lease = Some(lease);
     }
 }
 

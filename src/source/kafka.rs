@@ -68,10 +68,11 @@ pub struct Rewind {
 
 /// What the source needs from the runtime. Each call blocks until done.
 pub trait Downstream: Send + Sync + 'static {
-    /// Partitions of `topic` were assigned, each with its log's end offset
+    /// Partitions were assigned, by topic, each with its log's end offset
     /// (`(partition, end)`): get ready for their first batches (all at once:
-    /// their state is loaded in one go).
-    fn assigned(&self, topic: &str, partitions: &[(i32, i64)]) -> anyhow::Result<()>;
+    /// their state is loaded in one go). It answers within its deadline, or
+    /// fails.
+    fn assigned(&self, partitions: &BTreeMap<String, Vec<(i32, i64)>>) -> anyhow::Result<()>;
     /// A partition is about to be replayed from its last commit: drop what
     /// is held of it and reload its stored state.
     fn rewound(&self, topic: &str, partition: i32) -> anyhow::Result<()>;
@@ -148,19 +149,12 @@ impl ConsumerContext for SourceContext {
             };
             tracing::info!(partitions = tpl.count(), %resume, "partitions assigned");
             // Each log's end, so the runtime can tell a log that started over.
-            let (by_topic, mut fatal) = match log_ends_retried(consumer, tpl) {
-                Ok(ends) => (ends, None),
-                Err(err) => (BTreeMap::new(), Some(err)),
-            };
-            for (topic, partitions) in by_topic.into_iter().filter(|_| fatal.is_none()) {
-                if let Err(err) = self.downstream.assigned(&topic, &partitions) {
-                    let taken: Vec<i32> = partitions.iter().map(|&(p, _)| p).collect();
-                    fatal =
-                        Some(err.context(format!("cannot take partitions {taken:?} of {topic}")));
-                    break;
-                }
-            }
-            if let Some(err) = fatal {
+            let taken = log_ends_retried(consumer, tpl).and_then(|by_topic| {
+                self.downstream
+                    .assigned(&by_topic)
+                    .context("cannot take the assigned partitions")
+            });
+            if let Err(err) = taken {
                 *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
             }
         }
