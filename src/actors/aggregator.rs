@@ -385,6 +385,7 @@ impl<A: SinkTable, S: Store> Handler<ApplyChanges> for AggregatorActor<A, S> {
             return Err(Refused::Halted);
         }
         if self.leases.get(&batch.partition) != Some(&batch.lease) {
+            telemetry::stale_batch();
             return Err(Refused::StaleLease);
         }
         self.panics.maybe_panic(A::NAME);
@@ -562,6 +563,7 @@ mod tests {
     use crate::aggregate::Products;
     use crate::restart::RestartPolicy;
     use crate::sink::MemoryStore;
+    use std::sync::atomic::Ordering;
 
     fn batch(lease: Lease, offset: i64, id: i64) -> ApplyChanges {
         ApplyChanges {
@@ -648,8 +650,12 @@ mod tests {
             let new = acquire().await.unwrap().unwrap()[0].lease;
             assert_ne!(old, new);
 
+            let counted = || telemetry::counters().stale_batches.load(Ordering::Relaxed);
+            let before = counted();
             let stale = aggregator.send(batch(old, 0, 7)).await.unwrap();
             assert!(matches!(stale, Err(Refused::StaleLease)), "{stale:?}");
+            // Counted: a stale batch is dropped, not dropped without a word.
+            assert!(counted() > before);
             aggregator.send(batch(new, 1, 8)).await.unwrap().unwrap();
 
             let commits = aggregator

@@ -123,6 +123,7 @@ impl Handler<Decode> for PartitionActor {
         drop(queued);
         self.panics.maybe_panic("a partition actor");
         let Some(lease) = self.lease else {
+            telemetry::stale_batch();
             return;
         };
         let decoding = tracing::info_span!(parent: &span, "decode", table = %self.table, dead_letters = tracing::field::Empty).entered();

@@ -220,6 +220,16 @@ fn observe_counters(meter: &Meter) {
             observer.observe(misses.load(Ordering::Relaxed), &[]);
         })
         .build();
+    meter
+        .u64_observable_counter("etl_stale_batches")
+        .with_description(
+            "Batches dropped unapplied, decoded under a lease from before a rewind (or none, after a restart): fetched again from the last commit",
+        )
+        .with_callback(|observer| {
+            let stale = &counters().stale_batches;
+            observer.observe(stale.load(Ordering::Relaxed), &[]);
+        })
+        .build();
 }
 
 fn observe_gauges(meter: &Meter) {

@@ -53,6 +53,10 @@ pub struct Counters {
     /// Revokes whose release missed its deadline: their partitions were
     /// handed over as lost.
     pub release_deadline_misses: AtomicU64,
+    /// Batches dropped unapplied because they were decoded under a lease
+    /// from before a rewind, or under none after a restart: their records
+    /// are fetched again from the last commit.
+    pub stale_batches: AtomicU64,
     /// Events decoded, by (table, op label: insert, update, delete,
     /// snapshot, truncate).
     pub events: DashMap<(Table, &'static str), AtomicU64>,
@@ -170,6 +174,10 @@ pub fn revoking(partitions: usize) {
 pub fn release_deadline_missed() {
     let misses = &counters().release_deadline_misses;
     misses.fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn stale_batch() {
+    counters().stale_batches.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The events of one batch of `table`, as (op label, count).
