@@ -815,7 +815,6 @@ mod tests {
             fast
         };
         let mut rng = fastrand::Rng::with_seed(11);
-        let noise = b"\"\\{}[],:0123456789-+.eEntfu \x01\xff\xc3";
         let (mut ok, mut failed) = (0, 0);
         let (mut hits, mut misses) = (0, 0);
         let mut missing_before = 0;
@@ -841,17 +840,7 @@ mod tests {
                 assert_eq!(cached()[0], schema);
             }
             for _ in 0..30 {
-                let mut damaged = bytes.clone();
-                for _ in 0..rng.usize(1..3) {
-                    let at = rng.usize(0..damaged.len());
-                    match rng.u8(0..3) {
-                        0 => {
-                            damaged.remove(at);
-                        }
-                        1 => damaged.insert(at, noise[rng.usize(0..noise.len())]),
-                        _ => damaged[at] = noise[rng.usize(0..noise.len())],
-                    }
-                }
+                let damaged = etl_testkit::damaged(bytes, &mut rng);
                 if same(*table, &damaged).is_ok() {
                     ok += 1;
                 } else {

@@ -3,10 +3,12 @@
 //! It polls, cuts the records into per-partition batches and hands each batch
 //! to the runtime, waiting until it is accepted (backpressure). Partition
 //! assignment changes go to the runtime from the rebalance hooks, which block
-//! until the runtime is ready: on assign, until the partition's aggregate
-//! state is loaded; on revoke, until it is flushed, and then the flushed
-//! offsets are committed before the partition is given up. Offsets are only
-//! ever committed for events whose effect is already in ClickHouse.
+//! until the runtime is ready, at most until the rebalance deadline: on
+//! assign, until the partitions' aggregate state is loaded (past the
+//! deadline the run ends); on revoke, until it is flushed, and then the
+//! flushed offsets are committed before the partitions are given up (past
+//! the deadline they are given up as lost). Offsets are only ever committed
+//! for events whose effect is already in ClickHouse.
 
 use std::collections::HashSet;
 use std::collections::{BTreeMap, HashMap};

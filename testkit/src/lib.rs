@@ -1,13 +1,16 @@
 //! The test kit, shared by the integration tests and the tools' benches: the
 //! endpoints of the running stack (`scripts/stack up` writes them to
 //! `$STACK_DIR/stack.env`), fresh per-test ClickHouse databases built from
-//! `init/clickhouse`, the processor run as a child process (`pipeline`), and
-//! librdkafka's mock cluster (`mock_broker`). Nothing of it ships in the
+//! `init/clickhouse`, the processor run as a child process (`pipeline`),
+//! librdkafka's mock cluster (`mock_broker`), and random damage to messages
+//! (`damage`). Nothing of it ships in the
 //! processor.
 
+pub mod damage;
 pub mod mock_broker;
 pub mod pipeline;
 
+pub use damage::damaged;
 pub use mock_broker::MockBroker;
 
 use std::collections::HashMap;

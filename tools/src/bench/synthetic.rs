@@ -1428,7 +1428,6 @@ mod tests {
     /// (the core's own test does the same on the captured connector output).
     #[test]
     fn the_scanner_reads_every_message_as_serde_does() {
-        let noise = b"\"\\{}[],:0123456789-+.eEntfu \x01\xff\xc3";
         let mut rng = fastrand::Rng::with_seed(11);
         let (mut ok, mut failed) = (0, 0);
         for (schemas, events) in [(Schemas::Off, 3_000), (Schemas::On, 600)] {
@@ -1451,17 +1450,7 @@ mod tests {
                     text()
                 );
                 for _ in 0..30 {
-                    let mut damaged = value.clone();
-                    for _ in 0..rng.usize(1..3) {
-                        let at = rng.usize(0..damaged.len());
-                        match rng.u8(0..3) {
-                            0 => {
-                                damaged.remove(at);
-                            }
-                            1 => damaged.insert(at, noise[rng.usize(0..noise.len())]),
-                            _ => damaged[at] = noise[rng.usize(0..noise.len())],
-                        }
-                    }
+                    let damaged = etl_testkit::damaged(value, &mut rng);
                     let scanner = decode_event(message.table, Some(&damaged));
                     if scanner.is_ok() {
                         ok += 1;
