@@ -65,7 +65,9 @@ fn ended_by(fatal: Fatal) -> Outcome {
 /// wait for Postgres (when `ETL_POSTGRES_URL` is set).
 const REPLICA_IDENTITY_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+/// A multi-threaded tokio runtime with every driver, as the binaries' async
+/// commands and the actix system run on.
+pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use etl::app::Outcome;
+use etl::app::{tokio_runtime, Outcome};
 use etl::config::{Config, OnStartedOver};
 use etl::sink::ClickHouseSink;
 
@@ -79,22 +79,7 @@ fn main() -> ExitCode {
         Command::Reconcile => reconcile(config),
         Command::Rebuild => etl::rebuild::command(&config),
     };
-    let code = match result {
-        Ok(code) => code,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("etl-processor: {e:#}");
-            ExitCode::FAILURE
-        }
-    };
-    traces.shutdown();
-    code
-}
-
-fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    traces.finish(result)
 }
 
 fn reconcile(config: Config) -> anyhow::Result<ExitCode> {

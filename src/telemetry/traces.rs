@@ -20,6 +20,8 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
+use std::process::ExitCode;
+
 use crate::config::{Config, TelemetryConfig};
 use crate::source::RecordBatch;
 
@@ -29,6 +31,8 @@ pub const MAX_LINKS: usize = 128;
 
 /// Keeps the trace exporter alive; `shutdown` sends what is buffered.
 pub struct Tracing {
+    /// The binary's name, for its messages and as the traces' service.
+    program: &'static str,
     provider: Option<SdkTracerProvider>,
 }
 
@@ -36,19 +40,31 @@ impl Tracing {
     pub fn shutdown(self) {
         if let Some(provider) = self.provider {
             if let Err(e) = provider.shutdown() {
-                eprintln!("etl-processor: sending the last spans failed: {e}");
+                eprintln!("{}: sending the last spans failed: {e}", self.program);
             }
         }
+    }
+
+    /// What every binary does last: a command's error is logged and printed
+    /// (exit code 1), and the last spans are sent.
+    pub fn finish(self, result: anyhow::Result<ExitCode>) -> ExitCode {
+        let code = result.unwrap_or_else(|e| {
+            tracing::error!("{e:#}");
+            eprintln!("{}: {e:#}", self.program);
+            ExitCode::FAILURE
+        });
+        self.shutdown();
+        code
     }
 }
 
 /// What every binary of the project does first: reads the configuration
 /// and installs logs and traces. On a bad setting it prints which one and
 /// why, prefixed with `program`, and returns the exit code for it (2).
-pub fn configure(program: &str) -> Result<(Config, Tracing), std::process::ExitCode> {
+pub fn configure(program: &'static str) -> Result<(Config, Tracing), ExitCode> {
     let bad_setting = |message: String| {
         eprintln!("{program}: {message}");
-        std::process::ExitCode::from(2)
+        ExitCode::from(2)
     };
     let config = Config::from_process().map_err(|e| bad_setting(e.to_string()))?;
     let filter = EnvFilter::try_new(&config.log).map_err(|e| {
@@ -57,7 +73,7 @@ pub fn configure(program: &str) -> Result<(Config, Tracing), std::process::ExitC
             config.log
         ))
     })?;
-    let tracing = init(filter, &config.telemetry).map_err(|e| {
+    let tracing = init(program, filter, &config.telemetry).map_err(|e| {
         bad_setting(format!(
             "setting ETL_OTEL_ENDPOINT: cannot export traces: {e:#}"
         ))
@@ -66,15 +82,23 @@ pub fn configure(program: &str) -> Result<(Config, Tracing), std::process::ExitC
 }
 
 /// Installs the global subscriber: `log` filters what reaches stderr; the
-/// crate's spans go to the OTLP endpoint, if one is set, whatever `log` says.
-pub fn init(log: EnvFilter, config: &TelemetryConfig) -> anyhow::Result<Tracing> {
+/// crate's spans go to the OTLP endpoint, if one is set, whatever `log`
+/// says, as those of service `program`.
+fn init(
+    program: &'static str,
+    log: EnvFilter,
+    config: &TelemetryConfig,
+) -> anyhow::Result<Tracing> {
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(log);
     let Some(endpoint) = &config.otel_endpoint else {
         tracing_subscriber::registry().with(stderr).init();
-        return Ok(Tracing { provider: None });
+        return Ok(Tracing {
+            program,
+            provider: None,
+        });
     };
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
@@ -86,11 +110,7 @@ pub fn init(log: EnvFilter, config: &TelemetryConfig) -> anyhow::Result<Tracing>
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
             config.sample_ratio,
         ))))
-        .with_resource(
-            Resource::builder()
-                .with_service_name("etl-processor")
-                .build(),
-        )
+        .with_resource(Resource::builder().with_service_name(program).build())
         .build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let spans = tracing_opentelemetry::layer()
@@ -101,6 +121,7 @@ pub fn init(log: EnvFilter, config: &TelemetryConfig) -> anyhow::Result<Tracing>
         .with(spans)
         .init();
     Ok(Tracing {
+        program,
         provider: Some(provider),
     })
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use etl::app::tokio_runtime;
 use etl::config::Config;
 use etl_tools::{bench, loadgen};
 
@@ -71,16 +72,7 @@ fn main() -> ExitCode {
         }
         Command::Loadgen(args) => loadgen::command(args, config.require_postgres(), tokio_runtime),
     };
-    let code = match result {
-        Ok(code) => code,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("etl-tools: {e:#}");
-            ExitCode::FAILURE
-        }
-    };
-    traces.shutdown();
-    code
+    traces.finish(result)
 }
 
 fn run_bench(bench: BenchCommand, config: &Config) -> anyhow::Result<ExitCode> {
@@ -96,10 +88,4 @@ fn run_bench(bench: BenchCommand, config: &Config) -> anyhow::Result<ExitCode> {
         BenchCommand::Memory(args) => drop(bench::memory::run(args, config)?),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
 }
