@@ -1,3 +1,8 @@
+//! The aggregator actor: one table's aggregate state over the partitions
+//! held here. It applies the batches under their partitions' current
+//! leases, flushes on a time or size bound (or once the source caught up)
+//! through its sink actor, and reports each flush to the coordinator.
+
 use std::collections::HashMap;
 use std::future::Future as _;
 use std::pin::Pin;
@@ -7,11 +12,10 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::coordinator::Flushed;
 use super::sink::{SinkActor, Write};
 use super::supervisor::{Fatal, Supervised, Supervision};
 use crate::aggregate::AggregateState;
-use crate::cdc::{Origin, TableChange};
+use crate::cdc::{Origin, Table, TableChange};
 use crate::config::FlushConfig;
 use crate::faults::{FaultConfig, PanicInjector};
 use crate::restart::ActorKind;
@@ -82,6 +86,16 @@ pub struct Release {
     pub lost: bool,
 }
 
+/// An aggregator's flush is stored: every record of each partition below
+/// its offset has its effect in the store.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Flushed {
+    pub table: Table,
+    /// (partition, next offset).
+    pub offsets: Vec<(i32, i64)>,
+}
+
 /// Owns one aggregate's state over the partitions this process holds.
 pub struct AggregatorActor<A: SinkTable, S: Store> {
     state: AggregateState<A>,
@@ -89,7 +103,7 @@ pub struct AggregatorActor<A: SinkTable, S: Store> {
     sink: S,
     writer: Supervised<SinkActor<A, S>>,
     flush: FlushConfig,
-    /// The coordinator, which commits what a flush stored.
+    /// Where a flush is reported (the coordinator, which commits it).
     flushed: Recipient<Flushed>,
     supervision: Supervision,
     /// A fatal error was reported: nothing more is applied, flushed or

@@ -31,11 +31,12 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use dashmap::DashMap;
 
-use super::aggregator::{Acquire, Acquired, AggregatorActor, ApplyChanges, Lease, Release};
+use super::aggregator::{
+    Acquire, Acquired, AggregatorActor, ApplyChanges, Flushed, Lease, Release,
+};
 use super::partition::{Drain, PartitionActor};
 use super::sink::SinkActor;
 use super::supervisor::{Route, Supervised, Supervision};
-use super::Wiring;
 use crate::cdc::Table;
 use crate::config::{Config, SupervisionConfig};
 use crate::faults::FaultConfig;
@@ -44,6 +45,16 @@ use crate::restart::ActorKind;
 use crate::sink::{DeadLetters, SinkTable, Store};
 use crate::source::{continuity, CommitRequest, Rewind};
 use crate::telemetry;
+
+/// What the pipeline needs from its surroundings.
+pub struct Wiring<S: Store> {
+    /// Where the aggregates are stored.
+    pub sink: S,
+    pub dead_letters: DeadLetters,
+    pub supervision: Supervision,
+    pub commits: Sender<CommitRequest>,
+    pub rewinds: Sender<Rewind>,
+}
 
 /// Where a partition held here is in its life. Released partitions are no
 /// longer held at all.
@@ -472,16 +483,6 @@ impl Handler<Revoke> for Coordinator {
                 }),
         ))
     }
-}
-
-/// An aggregator's flush is stored: every record of each partition below
-/// its offset has its effect in the store.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Flushed {
-    pub table: Table,
-    /// (partition, next offset).
-    pub offsets: Vec<(i32, i64)>,
 }
 
 impl Handler<Flushed> for Coordinator {

@@ -30,8 +30,8 @@ mod sink;
 pub mod supervisor;
 
 pub use aggregator::{Acquire, AggregatorActor, ApplyChanges, Lease, Release};
-pub use coordinator::Coordinator;
+pub use coordinator::{Coordinator, Wiring};
 pub use partition::PartitionActor;
-pub use pipeline::{Pipeline, Wiring};
+pub use pipeline::Pipeline;
 pub use sink::SinkActor;
 pub use supervisor::{Escalation, Fatal, Supervision};

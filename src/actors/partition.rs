@@ -1,3 +1,7 @@
+//! The partition actor: decodes one Kafka partition's batches, in order,
+//! sends what does not decode to the dead-letter topic, and hands the
+//! changes to its table's aggregator under the lease it started with.
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 

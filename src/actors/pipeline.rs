@@ -3,29 +3,18 @@
 //! batches go straight to the live partitions' actors.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::{RecvTimeoutError, Sender};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::coordinator::{Assign, Coordinator, Revoke, Rewound, Routes, Skipped};
+use super::coordinator::{Assign, Coordinator, Revoke, Rewound, Routes, Skipped, Wiring};
 use super::partition::{Decode, Inflight};
-use super::supervisor::Supervision;
 use crate::cdc::Table;
 use crate::config::Config;
-use crate::sink::{DeadLetters, Store};
-use crate::source::{CommitRequest, Downstream, RecordBatch, Rewind};
+use crate::sink::Store;
+use crate::source::{CommitRequest, Downstream, RecordBatch};
 use crate::telemetry::{self, metrics, traces};
-
-/// What the pipeline needs from its surroundings.
-pub struct Wiring<S: Store> {
-    /// Where the aggregates are stored.
-    pub sink: S,
-    pub dead_letters: DeadLetters,
-    pub supervision: Supervision,
-    pub commits: Sender<CommitRequest>,
-    pub rewinds: Sender<Rewind>,
-}
 
 /// The running actors, as the Kafka source sees them.
 pub struct Pipeline {
