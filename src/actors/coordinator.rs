@@ -23,7 +23,6 @@
 //! older lease, which the aggregator refuses.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -123,7 +122,7 @@ pub struct Coordinator {
     /// started on, so its batches keep their order; partitions are dealt
     /// out in turn.
     decoders: Vec<ArbiterHandle>,
-    next_decoder: AtomicUsize,
+    next_decoder: usize,
     /// How long a load may take; past it, the assignment (or the rewind)
     /// fails, since the group, or the poll loop, waits for it.
     deadline: Duration,
@@ -172,7 +171,7 @@ impl Coordinator {
                 decoders: (0..config.decode_threads)
                     .map(|_| Arbiter::new().handle())
                     .collect(),
-                next_decoder: AtomicUsize::new(0),
+                next_decoder: 0,
                 deadline: config.kafka.rebalance_deadline(),
                 supervision: wiring.supervision,
                 policies: config.supervision.clone(),
@@ -224,9 +223,10 @@ impl Coordinator {
         let lease = Mutex::new(Some(lease));
         let rewinds = self.rewinds.clone();
         let rewind_topic = topic.to_owned();
-        let turn = self.next_decoder.fetch_add(1, Ordering::Relaxed);
+        let decoder = &self.decoders[self.next_decoder % self.decoders.len()];
+        self.next_decoder += 1;
         let actor = self.supervision.start(
-            &self.decoders[turn % self.decoders.len()],
+            decoder,
             ActorKind::Partition,
             format!("partition {topic}/{partition}"),
             self.policies.partition,
