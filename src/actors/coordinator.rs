@@ -95,13 +95,6 @@ impl Phase {
 /// poll loop reads to hand batches on. Only the coordinator writes it.
 pub type Routes = Arc<DashMap<(String, i32), Supervised<PartitionActor>>>;
 
-/// One partition held here.
-struct Life {
-    phase: Phase,
-    /// Its actor, once loaded.
-    actor: Option<Supervised<PartitionActor>>,
-}
-
 /// The mailboxes of one table's aggregator, whichever incarnation runs.
 #[derive(Clone)]
 struct AggregatorHandle {
@@ -116,7 +109,9 @@ struct AggregatorHandle {
 pub struct Coordinator {
     topic_prefix: String,
     aggregators: HashMap<Table, AggregatorHandle>,
-    lives: HashMap<(String, i32), Life>,
+    /// Every partition held here, in its phase.
+    lives: HashMap<(String, i32), Phase>,
+    /// The live ones' actors: a partition has an actor exactly while live.
     routes: Routes,
     /// The decoding threads. A partition's actor stays on the thread it
     /// started on, so its batches keep their order; partitions are dealt
@@ -193,12 +188,12 @@ impl Coordinator {
 
     /// Moves a held partition's life on by `step`; false where it cannot.
     fn step(&mut self, key: &(String, i32), step: Step) -> bool {
-        let Some(life) = self.lives.get_mut(key) else {
+        let Some(phase) = self.lives.get_mut(key) else {
             return false;
         };
-        match life.phase.after(step) {
+        match phase.after(step) {
             Some(next) => {
-                life.phase = next;
+                *phase = next;
                 true
             }
             None => false,
@@ -251,10 +246,7 @@ impl Coordinator {
                 });
             },
         );
-        self.routes.insert(key.clone(), actor.clone());
-        if let Some(life) = self.lives.get_mut(&key) {
-            life.actor = Some(actor);
-        }
+        self.routes.insert(key, actor);
     }
 
     /// Has `aggregator` (re)load `partitions`, trying again while it fails,
@@ -299,11 +291,10 @@ impl Coordinator {
         }
     }
 
-    /// Takes `key` out of the routes and marks it draining; returns its actor.
+    /// Marks `key` draining and takes its actor out of the routes.
     fn drain(&mut self, key: &(String, i32)) -> Option<Supervised<PartitionActor>> {
-        self.routes.remove(key);
         self.step(key, Step::Revoke);
-        self.lives.get_mut(key).and_then(|life| life.actor.take())
+        self.routes.remove(key).map(|(_, actor)| actor)
     }
 }
 
@@ -328,11 +319,8 @@ impl Handler<Assign> for Coordinator {
                 continue;
             };
             for &(partition, _) in &partitions {
-                let life = Life {
-                    phase: Phase::Loading,
-                    actor: None,
-                };
-                self.lives.insert((topic.clone(), partition), life);
+                self.lives
+                    .insert((topic.clone(), partition), Phase::Loading);
             }
             let numbers: Vec<i32> = partitions.iter().map(|&(p, _)| p).collect();
             let aggregate = aggregator.aggregate;
@@ -390,8 +378,7 @@ impl Handler<Rewound> for Coordinator {
         }
         // Its batches stop here; what its actor still holds goes out under
         // the old lease (or none, after a restart) and is refused.
-        self.routes.remove(&key);
-        if let Some(actor) = self.lives.get_mut(&key).and_then(|life| life.actor.take()) {
+        if let Some((_, actor)) = self.routes.remove(&key) {
             actor.stop();
         }
         let acquire = self.acquire(table, aggregator, vec![partition]);
