@@ -7,7 +7,7 @@
 //! Prometheus conventions after the exporter's suffixes: a counter `x`
 //! becomes `x_total`, a unit `s` appends `_seconds`.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::Resource;
 use prometheus::{Encoder, Registry, TextEncoder};
 
-use super::counters;
+use super::{counters, Counters};
 
 /// The instruments recorded on the data path; unset until `install`.
 struct Recorders {
@@ -195,39 +195,44 @@ fn observe_counters(meter: &Meter) {
         replays_skipped,
         |aggregate: &&'static str| vec![KeyValue::new("aggregate", *aggregate)]
     );
+    counter_from_atomic(
+        meter,
+        "etl_consumer_pauses",
+        "Times the consumer paused its partitions for backpressure",
+        |c| &c.pauses,
+    );
+    counter_from_atomic(
+        meter,
+        "etl_partitions_revoked",
+        "Partitions whose revoke began (rebalances taking them away)",
+        |c| &c.partitions_revoked,
+    );
+    counter_from_atomic(
+        meter,
+        "etl_release_deadline_misses",
+        "Revokes that missed their release deadline: their partitions were handed over as lost",
+        |c| &c.release_deadline_misses,
+    );
+    counter_from_atomic(
+        meter,
+        "etl_stale_batches",
+        "Batches dropped unapplied, decoded under a lease from before a rewind (or none, after a restart): fetched again from the last commit",
+        |c| &c.stale_batches,
+    );
+}
+
+/// A monotonic counter without labels, observed from one atomic.
+fn counter_from_atomic(
+    meter: &Meter,
+    name: &'static str,
+    help: &'static str,
+    field: fn(&Counters) -> &AtomicU64,
+) {
     meter
-        .u64_observable_counter("etl_consumer_pauses")
-        .with_description("Times the consumer paused its partitions for backpressure")
-        .with_callback(|observer| {
-            observer.observe(counters().pauses.load(Ordering::Relaxed), &[]);
-        })
-        .build();
-    meter
-        .u64_observable_counter("etl_partitions_revoked")
-        .with_description("Partitions whose revoke began (rebalances taking them away)")
-        .with_callback(|observer| {
-            let revoked = &counters().partitions_revoked;
-            observer.observe(revoked.load(Ordering::Relaxed), &[]);
-        })
-        .build();
-    meter
-        .u64_observable_counter("etl_release_deadline_misses")
-        .with_description(
-            "Revokes that missed their release deadline: their partitions were handed over as lost",
-        )
-        .with_callback(|observer| {
-            let misses = &counters().release_deadline_misses;
-            observer.observe(misses.load(Ordering::Relaxed), &[]);
-        })
-        .build();
-    meter
-        .u64_observable_counter("etl_stale_batches")
-        .with_description(
-            "Batches dropped unapplied, decoded under a lease from before a rewind (or none, after a restart): fetched again from the last commit",
-        )
-        .with_callback(|observer| {
-            let stale = &counters().stale_batches;
-            observer.observe(stale.load(Ordering::Relaxed), &[]);
+        .u64_observable_counter(name)
+        .with_description(help)
+        .with_callback(move |observer| {
+            observer.observe(field(counters()).load(Ordering::Relaxed), &[]);
         })
         .build();
 }
