@@ -759,9 +759,9 @@ mod tests {
 
     /// The scanner's answers are the serde path's, to the error text: on
     /// the captured connector output, as it is and with random damage (the
-    /// tools' synthetic messages are checked alike, in `etl-tools`). Undamaged, the scanner reads every one in the
-    /// connector's key order, schemas on too, with its schema found in the
-    /// cache or parsed into it.
+    /// tools' synthetic messages are checked alike, in `etl-tools`).
+    /// Undamaged, the scanner reads every one in the connector's key order,
+    /// schemas on too, with its schema found in the cache or parsed into it.
     #[test]
     fn the_scanner_agrees_with_the_serde_path() {
         empty_cache();

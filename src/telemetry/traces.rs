@@ -7,6 +7,8 @@
 //! carries a W3C `traceparent` header continues that trace; the trace
 //! contexts of its other records become links.
 
+use std::process::ExitCode;
+
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
@@ -19,8 +21,6 @@ use tracing_subscriber::filter::{EnvFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
-
-use std::process::ExitCode;
 
 use crate::config::{Config, TelemetryConfig};
 use crate::source::RecordBatch;

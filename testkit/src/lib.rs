@@ -3,8 +3,7 @@
 //! `$STACK_DIR/stack.env`), fresh per-test ClickHouse databases built from
 //! `init/clickhouse`, the processor run as a child process (`pipeline`),
 //! librdkafka's mock cluster (`mock_broker`), and random damage to messages
-//! (`damage`). Nothing of it ships in the
-//! processor.
+//! (`damage`). Nothing of it ships in the processor.
 
 pub mod damage;
 pub mod mock_broker;
