@@ -49,7 +49,7 @@ pub use kinds::{
     CustomerTotals, CustomersByMinute, OrderTotals, OrdersByMinute, ProductInfo, ProductSales,
     Products, SalesTotals,
 };
-pub use state::{AggregateState, Applied, SourceMark, StoredRow, Unplaceable};
+pub use state::{AggregateState, Applied, PartitionMark, SourceMark, StoredRow, Unplaceable};
 
 use std::fmt::Debug;
 use std::hash::Hash;

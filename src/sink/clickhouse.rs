@@ -11,8 +11,8 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{
-    Aggregate, CustomerTotals, CustomersByMinute, OrderTotals, OrdersByMinute, ProductInfo,
-    ProductSales, Products, SalesTotals, SourceMark, StoredRow,
+    Aggregate, CustomerTotals, CustomersByMinute, OrderTotals, OrdersByMinute, PartitionMark,
+    ProductInfo, ProductSales, Products, SalesTotals, SourceMark, StoredRow,
 };
 use crate::cdc::{Minute, Position, SnapshotId};
 use crate::config::{ClickHouseConfig, Validation};
@@ -58,7 +58,13 @@ pub trait SinkTable: Aggregate {
     type Row: RowOwned + RowRead + RowWrite + Serialize + for<'de> Deserialize<'de> + Send + Sync;
     fn to_row(row: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError>;
     fn from_row(row: Self::Row) -> Result<StoredRow<Self::Key, Self::Value>, SinkError>;
+    /// An SQL condition that holds for the rows of `keys` and no others,
+    /// on the columns the table is ordered by first (a primary-key read).
+    fn keys_condition(keys: &[Self::Key]) -> Result<String, SinkError>;
 }
+
+/// The table of every aggregate's [`PartitionMark`]s.
+pub const MARKS_TABLE: &str = "source_marks";
 
 /// The analytics schema (init/clickhouse), the one the compose stack and the
 /// native stack apply at start-up.
@@ -249,19 +255,32 @@ impl ClickHouseSink {
         Ok(added)
     }
 
-    /// Inserts `rows` in one INSERT.
+    /// Inserts `rows` in one INSERT, then, once they are stored, `marks` in
+    /// another: a mark never claims more than the rows hold. Both inserts
+    /// may be repeated whole.
     pub async fn write<A: SinkTable>(
         &self,
         rows: &[StoredRow<A::Key, A::Value>],
+        marks: &[PartitionMark],
+    ) -> Result<(), SinkError> {
+        // Convert first: a value that cannot be stored fails before any I/O.
+        let rows: Vec<A::Row> = rows.iter().map(A::to_row).collect::<Result<_, _>>()?;
+        let marks: Vec<MarkRow> = marks.iter().map(MarkRow::of::<A>).collect();
+        self.insert(A::NAME, &rows).await?;
+        self.insert(MARKS_TABLE, &marks).await
+    }
+
+    async fn insert<R: RowOwned + RowWrite + Serialize>(
+        &self,
+        table: &str,
+        rows: &[R],
     ) -> Result<(), SinkError> {
         if rows.is_empty() {
             return Ok(());
         }
-        // Convert first: a value that cannot be stored fails before any I/O.
-        let rows: Vec<A::Row> = rows.iter().map(A::to_row).collect::<Result<_, _>>()?;
         within(async {
-            let mut insert = self.client.insert::<A::Row>(A::NAME).await?;
-            for row in &rows {
+            let mut insert = self.client.insert::<R>(table).await?;
+            for row in rows {
                 insert.write(row).await?;
             }
             insert.end().await?;
@@ -279,19 +298,59 @@ impl ClickHouseSink {
             return Ok(Vec::new());
         }
         // One query for a whole assignment, not one per partition.
-        let sql = format!(
-            "SELECT ?fields FROM {} FINAL WHERE source_partition IN ({})",
-            A::NAME,
-            sql_list(partitions)
+        self.load_where::<A>(&format!("source_partition IN ({})", sql_list(partitions)))
+            .await
+    }
+
+    /// The latest row of each of `keys` in `partition` that is stored: one
+    /// read for all of them, along the tables' order (the key first).
+    pub async fn load_keys<A: SinkTable>(
+        &self,
+        partition: i32,
+        keys: &[A::Key],
+    ) -> Result<Vec<StoredRow<A::Key, A::Value>>, SinkError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let condition = format!(
+            "{} AND source_partition = {}",
+            A::keys_condition(keys)?,
+            partition_to_u32(partition)
         );
+        self.load_where::<A>(&condition).await
+    }
+
+    async fn load_where<A: SinkTable>(
+        &self,
+        condition: &str,
+    ) -> Result<Vec<StoredRow<A::Key, A::Value>>, SinkError> {
+        let sql = format!("SELECT ?fields FROM {} FINAL WHERE {condition}", A::NAME);
         let query = self.client.query(&sql);
         let rows: Vec<A::Row> = within(async { Ok(query.fetch_all().await?) }).await?;
         rows.into_iter().map(A::from_row).collect()
     }
 
+    /// The mark stored of each of `partitions` for aggregate `A` (those
+    /// never flushed are left out).
+    pub async fn load_marks<A: SinkTable>(
+        &self,
+        partitions: &[i32],
+    ) -> Result<Vec<PartitionMark>, SinkError> {
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT ?fields FROM {MARKS_TABLE} FINAL WHERE aggregate = ? AND source_partition IN ({})",
+            sql_list(partitions)
+        );
+        let query = self.client.query(&sql).bind(A::NAME);
+        let rows: Vec<MarkRow> = within(async { Ok(query.fetch_all().await?) }).await?;
+        Ok(rows.into_iter().map(MarkRow::into_mark).collect())
+    }
+
     /// The highest source offset stored from each of `partitions` (those
-    /// with no row are left out): how far into each partition's log this
-    /// aggregate has already counted.
+    /// with no row are left out), counting every row ever written: a scan of
+    /// the table, for `rebuild`'s check that no processor writes meanwhile.
     pub async fn highest_offsets<A: SinkTable>(
         &self,
         partitions: &[i32],
@@ -318,12 +377,192 @@ impl ClickHouseSink {
             .map(|h| (h.partition as i32, h.offset as i64))
             .collect())
     }
+
+    /// Creates the marks table in database `db` if it is missing (tables
+    /// created by a release before it).
+    pub async fn create_marks_table(&self, db: &str) -> Result<(), SinkError> {
+        let create = format!("CREATE TABLE IF NOT EXISTS {db}.{MARKS_TABLE}");
+        for statement in analytics_ddl(db) {
+            if statement.starts_with(&create) {
+                self.client.query(&statement).execute().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// For an aggregate whose table has rows but no marks (written by a
+    /// release before the marks table), computes them from its rows, once,
+    /// with a scan of the rows' mark columns. Returns how many partitions'
+    /// marks it wrote (None: there was nothing to do).
+    pub async fn fill_in_marks<A: SinkTable>(&self) -> Result<Option<usize>, SinkError> {
+        let marked: u64 = self
+            .client
+            .query(&format!(
+                "SELECT count() FROM {MARKS_TABLE} WHERE aggregate = ?"
+            ))
+            .bind(A::NAME)
+            .fetch_one()
+            .await?;
+        if marked > 0 || self.count_rows(A::NAME).await? == 0 {
+            return Ok(None);
+        }
+        let marks = if A::KEEPS_STORED_ROWS {
+            self.marks_from_rows::<A>().await?
+        } else {
+            self.highest_offsets::<A>(&self.partitions_of(A::NAME).await?)
+                .await?
+                .into_iter()
+                .map(|(partition, offset)| PartitionMark {
+                    partition,
+                    offset,
+                    mark: SourceMark::default(),
+                })
+                .collect()
+        };
+        self.insert(
+            MARKS_TABLE,
+            &marks.iter().map(MarkRow::of::<A>).collect::<Vec<_>>(),
+        )
+        .await?;
+        Ok(Some(marks.len()))
+    }
+
+    async fn partitions_of(&self, table: &str) -> Result<Vec<i32>, SinkError> {
+        let sql = format!("SELECT DISTINCT source_partition FROM {table}");
+        let query = self.client.query(&sql);
+        let partitions: Vec<u32> = within(async { Ok(query.fetch_all().await?) }).await?;
+        Ok(partitions.into_iter().map(|p| p as i32).collect())
+    }
+
+    /// Each partition's mark as loading all of its rows made it: the highest
+    /// offset of any row, and the greatest mark of any row, with the source
+    /// rows of every row at exactly that mark (the rows' marks only grow from
+    /// flush to flush).
+    async fn marks_from_rows<A: SinkTable>(&self) -> Result<Vec<PartitionMark>, SinkError> {
+        #[derive(Row, Deserialize)]
+        struct Greatest {
+            partition: u32,
+            offset: u64,
+            greatest: (u64, i64, u64, u64),
+        }
+        let sql = format!(
+            "SELECT source_partition AS partition, max(source_offset) AS offset, \
+             max((source_snapshot, source_snapshot_ms, source_commit, source_lsn)) AS greatest \
+             FROM {} GROUP BY source_partition",
+            A::NAME
+        );
+        let query = self.client.query(&sql);
+        let greatest: Vec<Greatest> = within(async { Ok(query.fetch_all().await?) }).await?;
+        let mut marks = Vec::new();
+        for g in greatest {
+            #[derive(Row, Deserialize)]
+            struct AtMark {
+                snapshot_offset: u64,
+                rows: Vec<i64>,
+            }
+            let (snapshot, snapshot_ms, commit, lsn) = g.greatest;
+            let sql = format!(
+                "SELECT max(source_snapshot_offset) AS snapshot_offset, \
+                 groupUniqArrayArray(source_rows) AS rows FROM {} WHERE source_partition = {} \
+                 AND source_snapshot = {snapshot} AND source_snapshot_ms = {snapshot_ms} \
+                 AND source_commit = {commit} AND source_lsn = {lsn}",
+                A::NAME,
+                g.partition
+            );
+            let query = self.client.query(&sql);
+            let at: AtMark = within(async { Ok(query.fetch_one().await?) }).await?;
+            marks.push(PartitionMark {
+                partition: g.partition as i32,
+                offset: g.offset as i64,
+                mark: mark_of(
+                    (snapshot, snapshot_ms),
+                    at.snapshot_offset,
+                    (commit, lsn),
+                    at.rows,
+                ),
+            });
+        }
+        Ok(marks)
+    }
+}
+
+/// One row of the marks table.
+#[derive(Debug, Row, Serialize, Deserialize)]
+struct MarkRow {
+    aggregate: String,
+    source_partition: u32,
+    source_offset: u64,
+    source_snapshot: u64,
+    source_snapshot_ms: i64,
+    source_snapshot_offset: u64,
+    source_commit: u64,
+    source_lsn: u64,
+    source_rows: Vec<i64>,
+}
+
+impl MarkRow {
+    fn of<A: Aggregate>(m: &PartitionMark) -> MarkRow {
+        let (
+            source_snapshot,
+            source_snapshot_ms,
+            source_snapshot_offset,
+            source_commit,
+            source_lsn,
+            source_rows,
+        ) = mark_columns(&m.mark);
+        MarkRow {
+            aggregate: A::NAME.to_owned(),
+            source_partition: partition_to_u32(m.partition),
+            source_offset: offset_to_u64(m.offset),
+            source_snapshot,
+            source_snapshot_ms,
+            source_snapshot_offset,
+            source_commit,
+            source_lsn,
+            source_rows,
+        }
+    }
+
+    fn into_mark(self) -> PartitionMark {
+        PartitionMark {
+            partition: self.source_partition as i32,
+            offset: self.source_offset as i64,
+            mark: mark_of(
+                (self.source_snapshot, self.source_snapshot_ms),
+                self.source_snapshot_offset,
+                (self.source_commit, self.source_lsn),
+                self.source_rows,
+            ),
+        }
+    }
+}
+
+/// A string as an SQL literal.
+fn sql_string(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// Minutes for an SQL `IN (...)`: DateTime compares with its seconds.
+fn minutes_list(
+    aggregate: &'static str,
+    minutes: impl Iterator<Item = Minute>,
+) -> Result<String, SinkError> {
+    let seconds: Vec<String> = minutes
+        .map(|m| minute_to_datetime(aggregate, m).map(|s| s.to_string()))
+        .collect::<Result<_, _>>()?;
+    Ok(seconds.join(", "))
 }
 
 /// Partition numbers for an SQL `IN (...)`: integers, so they go into the
 /// SQL as they are.
 fn sql_list(partitions: &[i32]) -> String {
     let numbers: Vec<String> = partitions.iter().map(i32::to_string).collect();
+    numbers.join(", ")
+}
+
+/// Product ids for an SQL `IN (...)`, as they are, like partitions.
+fn ids_list(ids: &[i64]) -> String {
+    let numbers: Vec<String> = ids.iter().map(i64::to_string).collect();
     numbers.join(", ")
 }
 
@@ -422,6 +661,19 @@ pub struct OrdersByMinuteRow {
 
 impl SinkTable for OrdersByMinute {
     type Row = OrdersByMinuteRow;
+    fn keys_condition(keys: &[Self::Key]) -> Result<String, SinkError> {
+        let tuples: Vec<String> = keys
+            .iter()
+            .map(|(minute, status)| {
+                Ok(format!(
+                    "({}, {})",
+                    minute_to_datetime(Self::NAME, *minute)?,
+                    sql_string(status)
+                ))
+            })
+            .collect::<Result<_, SinkError>>()?;
+        Ok(format!("(minute, status) IN ({})", tuples.join(", ")))
+    }
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
         let (
             source_snapshot,
@@ -483,6 +735,9 @@ pub struct ProductSalesRow {
 
 impl SinkTable for ProductSales {
     type Row = ProductSalesRow;
+    fn keys_condition(keys: &[Self::Key]) -> Result<String, SinkError> {
+        Ok(format!("product_id IN ({})", ids_list(keys)))
+    }
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
         let (
             source_snapshot,
@@ -543,6 +798,12 @@ pub struct CustomersByMinuteRow {
 
 impl SinkTable for CustomersByMinute {
     type Row = CustomersByMinuteRow;
+    fn keys_condition(keys: &[Self::Key]) -> Result<String, SinkError> {
+        Ok(format!(
+            "minute IN ({})",
+            minutes_list(Self::NAME, keys.iter().copied())?
+        ))
+    }
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
         let (
             source_snapshot,
@@ -596,6 +857,9 @@ pub struct ProductRow {
 
 impl SinkTable for Products {
     type Row = ProductRow;
+    fn keys_condition(keys: &[Self::Key]) -> Result<String, SinkError> {
+        Ok(format!("product_id IN ({})", ids_list(keys)))
+    }
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
         Ok(ProductRow {
             product_id: r.key,
@@ -651,7 +915,10 @@ mod tests {
     fn the_schema_file_lists_every_column_of_every_table() {
         let tables = analytics_columns();
         let names: Vec<&str> = tables.iter().map(|(t, _)| t.as_str()).collect();
-        assert_eq!(names, crate::registry::names());
+        // Every aggregate's table, in the registry's order, then the marks.
+        let mut expected = crate::registry::names();
+        expected.push(MARKS_TABLE);
+        assert_eq!(names, expected);
         let (_, product_sales) = &tables[1];
         assert_eq!(
             product_sales
