@@ -253,6 +253,24 @@ async fn rows_are_read_back_by_key() {
         .unwrap();
     read.sort_by_key(|r| r.key);
     assert_eq!(read, vec![sales(7), sales(9)]);
+    assert!(sink
+        .load_keys::<ProductSales>(0, &[])
+        .await
+        .unwrap()
+        .is_empty());
+
+    // More keys than one query's text holds: read in several, none lost.
+    let many: Vec<_> = (0..12_000)
+        .map(|m| (Minute(1_700_000_000 + 60 * m), "shipped".to_string()))
+        .collect();
+    let written: Vec<_> = many
+        .iter()
+        .step_by(7)
+        .map(|(m, s)| order(m.0, s, 0, 1, 1))
+        .collect();
+    sink.write::<OrdersByMinute>(&written, &[]).await.unwrap();
+    let read = sink.load_keys::<OrdersByMinute>(0, &many).await.unwrap();
+    assert_eq!(read.len(), written.len());
 }
 
 /// Each partition's mark: written after the rows, the highest offset wins

@@ -63,6 +63,10 @@ pub trait SinkTable: Aggregate {
     fn keys_condition(keys: &[Self::Key]) -> Result<String, SinkError>;
 }
 
+/// Keys per read by key: a minute and a status take ~30 bytes of SQL, so
+/// this stays far below ClickHouse's default max_query_size (256 KiB).
+const KEYS_PER_READ: usize = 2_000;
+
 /// The table of every aggregate's [`PartitionMark`]s.
 pub const MARKS_TABLE: &str = "source_marks";
 
@@ -309,15 +313,17 @@ impl ClickHouseSink {
         partition: i32,
         keys: &[A::Key],
     ) -> Result<Vec<StoredRow<A::Key, A::Value>>, SinkError> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
+        let mut rows = Vec::new();
+        // A query's text is bounded (max_query_size, 256 KiB by default).
+        for keys in keys.chunks(KEYS_PER_READ) {
+            let condition = format!(
+                "{} AND source_partition = {}",
+                A::keys_condition(keys)?,
+                partition_to_u32(partition)
+            );
+            rows.extend(self.load_where::<A>(&condition).await?);
         }
-        let condition = format!(
-            "{} AND source_partition = {}",
-            A::keys_condition(keys)?,
-            partition_to_u32(partition)
-        );
-        self.load_where::<A>(&condition).await
+        Ok(rows)
     }
 
     async fn load_where<A: SinkTable>(
