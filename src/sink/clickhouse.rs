@@ -4,6 +4,7 @@
 //! Money travels as Decimal(18,2), i.e. an i64 of cents; minutes as DateTime,
 //! i.e. u32 seconds. Both conversions refuse values they would change.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use ::clickhouse::{Client, Row, RowOwned, RowRead, RowWrite};
@@ -302,8 +303,8 @@ impl ClickHouseSink {
             return Ok(Vec::new());
         }
         // One query for a whole assignment, not one per partition.
-        self.load_where::<A>(&format!("source_partition IN ({})", sql_list(partitions)))
-            .await
+        let condition = format!("source_partition IN ({})", sql_list(partitions));
+        self.load_where::<A>("FINAL", &condition).await
     }
 
     /// The latest row of each of `keys` in `partition` that is stored: one
@@ -313,7 +314,10 @@ impl ClickHouseSink {
         partition: i32,
         keys: &[A::Key],
     ) -> Result<Vec<StoredRow<A::Key, A::Value>>, SinkError> {
-        let mut rows = Vec::new();
+        // Without FINAL, which on ClickHouse 18.16 costs several times the
+        // read itself (10 keys: 90 ms against 16): every version of a row
+        // comes back, and the highest offset wins here, as FINAL picks it.
+        let mut latest: HashMap<A::Key, StoredRow<A::Key, A::Value>> = HashMap::new();
         // A query's text is bounded (max_query_size, 256 KiB by default).
         for keys in keys.chunks(KEYS_PER_READ) {
             let condition = format!(
@@ -321,16 +325,29 @@ impl ClickHouseSink {
                 A::keys_condition(keys)?,
                 partition_to_u32(partition)
             );
-            rows.extend(self.load_where::<A>(&condition).await?);
+            for row in self.load_where::<A>("", &condition).await? {
+                match latest.get(&row.key) {
+                    Some(kept) if kept.offset >= row.offset => {}
+                    _ => {
+                        latest.insert(row.key.clone(), row);
+                    }
+                }
+            }
         }
-        Ok(rows)
+        Ok(latest.into_values().collect())
     }
 
+    /// The rows of table `A` (`modifier`: FINAL, or every version) that
+    /// meet `condition`.
     async fn load_where<A: SinkTable>(
         &self,
+        modifier: &str,
         condition: &str,
     ) -> Result<Vec<StoredRow<A::Key, A::Value>>, SinkError> {
-        let sql = format!("SELECT ?fields FROM {} FINAL WHERE {condition}", A::NAME);
+        let sql = format!(
+            "SELECT ?fields FROM {} {modifier} WHERE {condition}",
+            A::NAME
+        );
         let query = self.client.query(&sql);
         let rows: Vec<A::Row> = within(async { Ok(query.fetch_all().await?) }).await?;
         rows.into_iter().map(A::from_row).collect()
