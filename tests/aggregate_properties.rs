@@ -910,18 +910,16 @@ fn insert(minute: u8, status: usize, cents: u32) -> Step {
 
 /// What the pipeline writes, as ClickHouse keeps it: per (key, partition)
 /// the row with the highest offset, per partition the mark with the highest.
+type OrderRow = StoredRow<(Minute, String), OrderTotals>;
+
 #[derive(Default)]
 struct Stored {
-    rows: HashMap<((Minute, String), i32), StoredRow<(Minute, String), OrderTotals>>,
+    rows: HashMap<((Minute, String), i32), OrderRow>,
     marks: HashMap<i32, PartitionMark>,
 }
 
 impl Stored {
-    fn write(
-        &mut self,
-        rows: &[StoredRow<(Minute, String), OrderTotals>],
-        marks: &[PartitionMark],
-    ) {
+    fn write(&mut self, rows: &[OrderRow], marks: &[PartitionMark]) {
         for row in rows {
             let key = (row.key.clone(), row.partition);
             if self
@@ -943,11 +941,7 @@ impl Stored {
         }
     }
 
-    fn read_back(
-        &self,
-        partition: i32,
-        keys: &[(Minute, String)],
-    ) -> Vec<StoredRow<(Minute, String), OrderTotals>> {
+    fn read_back(&self, partition: i32, keys: &[(Minute, String)]) -> Vec<OrderRow> {
         keys.iter()
             .filter_map(|key| self.rows.get(&(key.clone(), partition)).cloned())
             .collect()
