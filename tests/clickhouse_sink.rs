@@ -203,7 +203,11 @@ async fn rows_are_read_back_by_key() {
     sink.write::<OrdersByMinute>(&rows, &[]).await.unwrap();
     let key = |minute: i64, status: &str| (Minute(minute), status.to_string());
     let mut read = sink
-        .load_keys::<OrdersByMinute>(0, &[key(60, "paid"), key(60, odd), key(180, "paid")])
+        .load_keys::<OrdersByMinute>(&[
+            (0, key(60, "paid")),
+            (0, key(60, odd)),
+            (0, key(180, "paid")),
+        ])
         .await
         .unwrap();
     read.sort_by_key(|r| r.offset);
@@ -212,7 +216,7 @@ async fn rows_are_read_back_by_key() {
         vec![order(60, odd, 0, 2, 2), order(60, "paid", 0, 5, 6)]
     );
     assert!(sink
-        .load_keys::<OrdersByMinute>(2, &[key(60, "paid")])
+        .load_keys::<OrdersByMinute>(&[(2, key(60, "paid"))])
         .await
         .unwrap()
         .is_empty());
@@ -228,7 +232,7 @@ async fn rows_are_read_back_by_key() {
         .await
         .unwrap();
     let read = sink
-        .load_keys::<CustomersByMinute>(3, &[Minute(120), Minute(240)])
+        .load_keys::<CustomersByMinute>(&[(3, Minute(120)), (3, Minute(240)), (0, Minute(120))])
         .await
         .unwrap();
     assert_eq!(read, vec![customers(120, 2)]);
@@ -248,13 +252,13 @@ async fn rows_are_read_back_by_key() {
         .await
         .unwrap();
     let mut read = sink
-        .load_keys::<ProductSales>(0, &[9, 7, 11])
+        .load_keys::<ProductSales>(&[(0, 9), (0, 7), (0, 11), (1, 9)])
         .await
         .unwrap();
     read.sort_by_key(|r| r.key);
     assert_eq!(read, vec![sales(7), sales(9)]);
     assert!(sink
-        .load_keys::<ProductSales>(0, &[])
+        .load_keys::<ProductSales>(&[])
         .await
         .unwrap()
         .is_empty());
@@ -269,7 +273,8 @@ async fn rows_are_read_back_by_key() {
         .map(|(m, s)| order(m.0, s, 0, 1, 1))
         .collect();
     sink.write::<OrdersByMinute>(&written, &[]).await.unwrap();
-    let read = sink.load_keys::<OrdersByMinute>(0, &many).await.unwrap();
+    let many: Vec<_> = many.into_iter().map(|key| (0, key)).collect();
+    let read = sink.load_keys::<OrdersByMinute>(&many).await.unwrap();
     assert_eq!(read.len(), written.len());
 }
 

@@ -641,41 +641,36 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
         self.read_more(ctx);
     }
 
-    /// The stored rows of `keys`, one read per partition, all at once, each
+    /// The stored rows of `keys`, in one read (of every partition's keys),
     /// retried while ClickHouse fails (as inserts are).
     fn read_back(
         sink: S,
         keys: Vec<(i32, Vec<A::Key>)>,
     ) -> impl std::future::Future<Output = Result<crate::sink::store::Rows<A>, SinkError>> + 'static
     {
-        let count: usize = keys.iter().map(|(_, k)| k.len()).sum();
-        let span = tracing::info_span!("read_back", aggregate = A::NAME, keys = count);
+        let keys: Vec<(i32, A::Key)> = keys
+            .into_iter()
+            .flat_map(|(p, keys)| keys.into_iter().map(move |k| (p, k)))
+            .collect();
+        let span = tracing::info_span!("read_back", aggregate = A::NAME, keys = keys.len());
         async move {
-            let reads = keys.iter().map(|(partition, keys)| {
-                let sink = sink.clone();
-                async move {
-                    let mut backoff = Backoff::default();
-                    for attempt in 1u64.. {
-                        match sink.load_keys::<A>(*partition, keys).await {
-                            Err(e) if !e.is_permanent() => {
-                                if attempt % 10 == 1 {
-                                    tracing::warn!(aggregate = A::NAME, attempt, error = %e, retry_in = ?backoff.next(), "reading rows back failed; retrying");
-                                }
-                                backoff.pause().await;
-                            }
-                            done => return done,
-                        }
+            let mut backoff = Backoff::default();
+            for attempt in 1u64.. {
+                match sink.load_keys::<A>(&keys).await {
+                    Ok(rows) => {
+                        telemetry::read_back(A::NAME, rows.len() as u64);
+                        return Ok(rows);
                     }
-                    unreachable!("the attempts never run out")
+                    Err(e) if e.is_permanent() => return Err(e),
+                    Err(e) => {
+                        if attempt % 10 == 1 {
+                            tracing::warn!(aggregate = A::NAME, attempt, error = %e, retry_in = ?backoff.next(), "reading rows back failed; retrying");
+                        }
+                        backoff.pause().await;
+                    }
                 }
-            });
-            let rows: Vec<_> = futures::future::try_join_all(reads)
-                .await?
-                .into_iter()
-                .flatten()
-                .collect();
-            telemetry::read_back(A::NAME, rows.len() as u64);
-            Ok(rows)
+            }
+            unreachable!("the attempts never run out")
         }
         .instrument(span)
     }

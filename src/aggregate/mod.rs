@@ -12,6 +12,7 @@
 //! applied, which recognises an event Debezium sends again at a new offset
 //! (see `state`).
 
+mod evicted;
 mod kinds;
 mod state;
 

@@ -9,6 +9,7 @@ use std::collections::hash_map::Entry as Slot;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use super::evicted::Evicted;
 use super::{Aggregate, Measure, Offset, Partition};
 use crate::cdc::{Origin, Position, SnapshotId, TableChange};
 
@@ -130,10 +131,12 @@ struct PartitionState<K, V> {
     /// The keys of the rows changed since they were last written, so that a
     /// flush costs what changed, not what is held.
     dirty: Vec<K>,
-    /// Rows of the partition may be stored that `rows` does not hold (an
-    /// earlier owner wrote them, or they were evicted): a key not held is
-    /// read back before an event touches it.
+    /// Rows of the partition were stored before this process held it: a
+    /// key not held may be among them, so it is read back before an event
+    /// touches it.
     partial: bool,
+    /// Otherwise, only the keys evicted since may be stored and not held.
+    evicted: Evicted,
     /// The highest offset handed to this state (applied, skipped, or without
     /// effect): what a flush makes safe to commit. None until an event came.
     watermark: Option<Offset>,
@@ -153,6 +156,7 @@ impl<K, V> Default for PartitionState<K, V> {
             rows: HashMap::default(),
             dirty: Vec::new(),
             partial: false,
+            evicted: Evicted::default(),
             watermark: None,
             loaded_to: None,
             snapshot: SnapshotId::default(),
@@ -738,7 +742,7 @@ impl<A: Aggregate> AggregateState<A> {
         let Some(state) = self.partitions.get(&partition) else {
             return Vec::new();
         };
-        if !A::KEEPS_STORED_ROWS || !state.partial {
+        if !A::KEEPS_STORED_ROWS {
             return Vec::new();
         }
         let covered = |offset: Offset, origin: Origin| {
@@ -753,7 +757,8 @@ impl<A: Aggregate> AggregateState<A> {
                 continue;
             }
             for (key, _) in A::updates(change) {
-                if !state.rows.contains_key(&key) {
+                let stored = state.partial || state.evicted.may_contain(&key);
+                if stored && !state.rows.contains_key(&key) {
                     missing.insert(key);
                 }
             }
@@ -824,19 +829,26 @@ impl<A: Aggregate> AggregateState<A> {
             // Of the rows last touched at the cutoff itself, only as many as
             // the quota leaves room for.
             let mut at_cutoff = quota - below;
-            state.rows.retain(|_, e| {
+            let PartitionState {
+                rows,
+                partial,
+                evicted: gone,
+                ..
+            } = state;
+            rows.retain(|key, e| {
                 let (offset, written) = (e.stamp.offset(), !e.stamp.is_changed());
-                if written && offset < cutoff {
-                    return false;
+                let evict = written
+                    && (offset < cutoff
+                        || (offset == cutoff && at_cutoff > 0 && {
+                            at_cutoff -= 1;
+                            true
+                        }));
+                if evict && !*partial {
+                    gone.insert(key);
                 }
-                if written && offset == cutoff && at_cutoff > 0 {
-                    at_cutoff -= 1;
-                    return false;
-                }
-                true
+                !evict
             });
             evicted += quota;
-            state.partial = true;
             if state.rows.capacity() > 2 * state.rows.len() + SMALL_MAP {
                 state.rows.shrink_to_fit();
             }
@@ -983,6 +995,23 @@ mod tests {
         assert!(replayed.unwrap().redelivered);
         state.apply(0, 102, streamed(102), &sold(3)).unwrap();
         assert_eq!(state.totals()[&3].units, 2);
+    }
+
+    #[test]
+    fn a_partition_that_started_empty_reads_back_only_what_it_evicted() {
+        let mut state = AggregateState::<ProductSales>::default();
+        for product in 1..=100 {
+            state
+                .apply(0, product, streamed(product), &sold(product))
+                .unwrap();
+        }
+        let rows = state.dirty_rows();
+        state.mark_flushed(&rows);
+        assert_eq!(state.evict(40), 70);
+        // Products 1 to 70 went; 500 was never seen, so it is stored nowhere.
+        let (gone, new) = (sold(3), sold(500));
+        let touched = [(101, streamed(101), &gone), (102, streamed(102), &new)];
+        assert_eq!(state.missing(0, touched), [3]);
     }
 
     #[test]

@@ -59,14 +59,18 @@ pub trait SinkTable: Aggregate {
     type Row: RowOwned + RowRead + RowWrite + Serialize + for<'de> Deserialize<'de> + Send + Sync;
     fn to_row(row: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError>;
     fn from_row(row: Self::Row) -> Result<StoredRow<Self::Key, Self::Value>, SinkError>;
-    /// An SQL condition that holds for the rows of `keys` and no others,
-    /// on the columns the table is ordered by first (a primary-key read).
-    fn keys_condition(keys: &[Self::Key]) -> Result<String, SinkError>;
+    /// The key's columns, those the table is ordered by first.
+    const KEY_COLUMNS: &'static str;
+    /// A key's values for those columns, as SQL.
+    fn key_values(key: &Self::Key) -> Result<String, SinkError>;
 }
 
 /// Keys per read by key: a minute and a status take ~30 bytes of SQL, so
 /// this stays far below ClickHouse's default max_query_size (256 KiB).
 const KEYS_PER_READ: usize = 2_000;
+
+/// One stored row of aggregate `A`.
+type StoredOf<A> = StoredRow<<A as Aggregate>::Key, <A as Aggregate>::Value>;
 
 /// The table of every aggregate's [`PartitionMark`]s.
 pub const MARKS_TABLE: &str = "source_marks";
@@ -307,29 +311,40 @@ impl ClickHouseSink {
         self.load_where::<A>("FINAL", &condition).await
     }
 
-    /// The latest row of each of `keys` in `partition` that is stored: one
-    /// read for all of them, along the tables' order (the key first).
+    /// The latest row of each (partition, key) of `keys` that is stored: one
+    /// read for all of them (in chunks), along the tables' order (the key
+    /// first, then the partition).
     pub async fn load_keys<A: SinkTable>(
         &self,
-        partition: i32,
-        keys: &[A::Key],
+        keys: &[(i32, A::Key)],
     ) -> Result<Vec<StoredRow<A::Key, A::Value>>, SinkError> {
         // Without FINAL, which on ClickHouse 18.16 costs several times the
         // read itself (10 keys: 90 ms against 16): every version of a row
         // comes back, and the highest offset wins here, as FINAL picks it.
-        let mut latest: HashMap<A::Key, StoredRow<A::Key, A::Value>> = HashMap::new();
+        let mut latest: HashMap<(A::Key, i32), StoredOf<A>> = HashMap::new();
         // A query's text is bounded (max_query_size, 256 KiB by default).
         for keys in keys.chunks(KEYS_PER_READ) {
+            let tuples: Vec<String> = keys
+                .iter()
+                .map(|(p, key)| {
+                    Ok(format!(
+                        "({}, {})",
+                        A::key_values(key)?,
+                        partition_to_u32(*p)
+                    ))
+                })
+                .collect::<Result<_, SinkError>>()?;
             let condition = format!(
-                "{} AND source_partition = {}",
-                A::keys_condition(keys)?,
-                partition_to_u32(partition)
+                "({}, source_partition) IN ({})",
+                A::KEY_COLUMNS,
+                tuples.join(", ")
             );
             for row in self.load_where::<A>("", &condition).await? {
-                match latest.get(&row.key) {
+                let at = (row.key.clone(), row.partition);
+                match latest.get(&at) {
                     Some(kept) if kept.offset >= row.offset => {}
                     _ => {
-                        latest.insert(row.key.clone(), row);
+                        latest.insert(at, row);
                     }
                 }
             }
@@ -565,27 +580,10 @@ fn sql_string(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-/// Minutes for an SQL `IN (...)`: DateTime compares with its seconds.
-fn minutes_list(
-    aggregate: &'static str,
-    minutes: impl Iterator<Item = Minute>,
-) -> Result<String, SinkError> {
-    let seconds: Vec<String> = minutes
-        .map(|m| minute_to_datetime(aggregate, m).map(|s| s.to_string()))
-        .collect::<Result<_, _>>()?;
-    Ok(seconds.join(", "))
-}
-
 /// Partition numbers for an SQL `IN (...)`: integers, so they go into the
 /// SQL as they are.
 fn sql_list(partitions: &[i32]) -> String {
     let numbers: Vec<String> = partitions.iter().map(i32::to_string).collect();
-    numbers.join(", ")
-}
-
-/// Product ids for an SQL `IN (...)`, as they are, like partitions.
-fn ids_list(ids: &[i64]) -> String {
-    let numbers: Vec<String> = ids.iter().map(i64::to_string).collect();
     numbers.join(", ")
 }
 
@@ -684,18 +682,13 @@ pub struct OrdersByMinuteRow {
 
 impl SinkTable for OrdersByMinute {
     type Row = OrdersByMinuteRow;
-    fn keys_condition(keys: &[Self::Key]) -> Result<String, SinkError> {
-        let tuples: Vec<String> = keys
-            .iter()
-            .map(|(minute, status)| {
-                Ok(format!(
-                    "({}, {})",
-                    minute_to_datetime(Self::NAME, *minute)?,
-                    sql_string(status)
-                ))
-            })
-            .collect::<Result<_, SinkError>>()?;
-        Ok(format!("(minute, status) IN ({})", tuples.join(", ")))
+    const KEY_COLUMNS: &'static str = "minute, status";
+    fn key_values((minute, status): &Self::Key) -> Result<String, SinkError> {
+        Ok(format!(
+            "{}, {}",
+            minute_to_datetime(Self::NAME, *minute)?,
+            sql_string(status)
+        ))
     }
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
         let (
@@ -758,8 +751,9 @@ pub struct ProductSalesRow {
 
 impl SinkTable for ProductSales {
     type Row = ProductSalesRow;
-    fn keys_condition(keys: &[Self::Key]) -> Result<String, SinkError> {
-        Ok(format!("product_id IN ({})", ids_list(keys)))
+    const KEY_COLUMNS: &'static str = "product_id";
+    fn key_values(product: &Self::Key) -> Result<String, SinkError> {
+        Ok(product.to_string())
     }
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
         let (
@@ -821,11 +815,9 @@ pub struct CustomersByMinuteRow {
 
 impl SinkTable for CustomersByMinute {
     type Row = CustomersByMinuteRow;
-    fn keys_condition(keys: &[Self::Key]) -> Result<String, SinkError> {
-        Ok(format!(
-            "minute IN ({})",
-            minutes_list(Self::NAME, keys.iter().copied())?
-        ))
+    const KEY_COLUMNS: &'static str = "minute";
+    fn key_values(minute: &Self::Key) -> Result<String, SinkError> {
+        Ok(minute_to_datetime(Self::NAME, *minute)?.to_string())
     }
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
         let (
@@ -880,8 +872,9 @@ pub struct ProductRow {
 
 impl SinkTable for Products {
     type Row = ProductRow;
-    fn keys_condition(keys: &[Self::Key]) -> Result<String, SinkError> {
-        Ok(format!("product_id IN ({})", ids_list(keys)))
+    const KEY_COLUMNS: &'static str = "product_id";
+    fn key_values(product: &Self::Key) -> Result<String, SinkError> {
+        Ok(product.to_string())
     }
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
         Ok(ProductRow {

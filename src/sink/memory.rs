@@ -237,18 +237,14 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn load_keys<A: SinkTable>(
-        &self,
-        partition: i32,
-        keys: &[A::Key],
-    ) -> Result<Rows<A>, SinkError> {
+    async fn load_keys<A: SinkTable>(&self, keys: &[(i32, A::Key)]) -> Result<Rows<A>, SinkError> {
         self.gate.loads.passed().await;
         self.gate.key_reads.fetch_add(1, Ordering::SeqCst);
         let mut tables = self.tables();
         let table = Self::table::<A>(&mut tables);
         Ok(keys
             .iter()
-            .filter_map(|key| table.rows.get(&(key.clone(), partition)).cloned())
+            .filter_map(|(partition, key)| table.rows.get(&(key.clone(), *partition)).cloned())
             .collect())
     }
 }

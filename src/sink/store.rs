@@ -38,12 +38,11 @@ pub trait Store: Clone + Send + Sync + Unpin + 'static {
         partitions: &[i32],
     ) -> impl Future<Output = Result<Rows<A>, SinkError>>;
 
-    /// The row that counts of each of `keys` in `partition`, in one read
+    /// The row that counts of each (partition, key) of `keys`, in one read
     /// (keys never written are left out).
     fn load_keys<A: SinkTable>(
         &self,
-        partition: i32,
-        keys: &[A::Key],
+        keys: &[(i32, A::Key)],
     ) -> impl Future<Output = Result<Rows<A>, SinkError>>;
 }
 
@@ -72,9 +71,8 @@ impl Store for ClickHouseSink {
 
     fn load_keys<A: SinkTable>(
         &self,
-        partition: i32,
-        keys: &[A::Key],
+        keys: &[(i32, A::Key)],
     ) -> impl Future<Output = Result<Rows<A>, SinkError>> {
-        ClickHouseSink::load_keys::<A>(self, partition, keys)
+        ClickHouseSink::load_keys::<A>(self, keys)
     }
 }
