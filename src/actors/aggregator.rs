@@ -3,7 +3,7 @@
 //! leases, flushes on a time or size bound (or once the source caught up)
 //! through its sink actor, and reports each flush to the coordinator.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -129,47 +129,6 @@ pub struct AggregatorActor<A: SinkTable, S: Store> {
     /// A spawned `Settled` is pending: it finishes whichever flush is in
     /// flight when it ends, so one is enough.
     watching: bool,
-    /// Batches waiting for rows to be read back, and the keys to read.
-    reads: ReadBacks<A>,
-}
-
-/// The batches whose keys are being read back, per partition in order, and
-/// the keys no read has asked for yet. At most one read is in flight; it
-/// takes every key asked for meanwhile, of every partition, so reads grow
-/// with the misses instead of one per batch, and a partition whose keys are
-/// all held goes on while another's are read.
-struct ReadBacks<A: SinkTable> {
-    waiting: HashMap<i32, VecDeque<Waiting>>,
-    unread: HashMap<i32, HashSet<A::Key>>,
-    in_flight: bool,
-}
-
-impl<A: SinkTable> Default for ReadBacks<A> {
-    fn default() -> Self {
-        ReadBacks {
-            waiting: HashMap::new(),
-            unread: HashMap::new(),
-            in_flight: false,
-        }
-    }
-}
-
-/// A batch held until its keys are read back, and where its answer goes.
-struct Waiting {
-    batch: ApplyChanges,
-    reply: tokio::sync::oneshot::Sender<Result<(), Refused>>,
-}
-
-impl<A: SinkTable> ReadBacks<A> {
-    /// Answers every batch of `partitions` held here with `refused`.
-    fn refuse(&mut self, partitions: impl IntoIterator<Item = i32>, refused: fn() -> Refused) {
-        for partition in partitions {
-            self.unread.remove(&partition);
-            for waiting in self.waiting.remove(&partition).unwrap_or_default() {
-                let _ = waiting.reply.send(Err(refused()));
-            }
-        }
-    }
 }
 
 type Rows<A> = Arc<
@@ -217,7 +176,6 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
             batches_since_flush: Vec::new(),
             in_flight: None,
             watching: false,
-            reads: ReadBacks::default(),
         }
     }
 
@@ -389,8 +347,6 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
     /// aggregate that cannot be written would stall for good.
     fn halt(&mut self, fatal: Fatal) {
         self.halted = true;
-        let held: Vec<i32> = self.reads.waiting.keys().copied().collect();
-        self.reads.refuse(held, || Refused::Halted);
         self.supervision.report(fatal);
     }
 
@@ -405,10 +361,6 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
     }
 
     fn forget(&mut self, partitions: &[i32]) {
-        // Batches still waiting for rows are from before: fetched again from
-        // the last commit by whoever holds the partition next.
-        self.reads
-            .refuse(partitions.iter().copied(), || Refused::StaleLease);
         self.state.release(partitions);
         for partition in partitions {
             self.committed.remove(partition);
@@ -516,143 +468,19 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
         Ok(())
     }
 
-    /// Takes the keys of `batch` not held to read them back, and holds the
-    /// batch (behind any other of its partition) until they are.
-    fn hold(
-        &mut self,
-        batch: ApplyChanges,
-        missing: Vec<A::Key>,
-        ctx: &mut Context<Self>,
-    ) -> ActorResponse<Self, Result<(), Refused>> {
-        let partition = batch.partition;
-        self.reads
-            .unread
-            .entry(partition)
-            .or_default()
-            .extend(missing);
-        let (reply, replied) = tokio::sync::oneshot::channel();
-        self.reads
-            .waiting
-            .entry(partition)
-            .or_default()
-            .push_back(Waiting { batch, reply });
-        self.read_more(ctx);
-        ActorResponse::r#async(
-            async move { replied.await.unwrap_or(Err(Refused::Halted)) }.into_actor(self),
-        )
-    }
-
-    /// Starts a read of every key asked for, unless one is in flight (its
-    /// end starts the next).
-    fn read_more(&mut self, ctx: &mut Context<Self>) {
-        if self.reads.in_flight || self.reads.unread.is_empty() || self.halted {
-            return;
-        }
-        self.reads.in_flight = true;
-        let keys: Vec<(i32, Vec<A::Key>)> = self
-            .reads
-            .unread
-            .drain()
-            .map(|(p, keys)| (p, keys.into_iter().collect()))
-            .collect();
-        let leases: HashMap<i32, Lease> = keys
-            .iter()
-            .filter_map(|(p, _)| Some((*p, *self.leases.get(p)?)))
-            .collect();
-        let read = Self::read_back(self.sink.clone(), keys.clone());
-        ctx.spawn(read.into_actor(self).map(move |rows, act, ctx| {
-            act.reads.in_flight = false;
-            match rows {
-                Ok(rows) => act.read_done(keys, rows, &leases, ctx),
-                Err(e) => act.unstorable(&e),
-            }
-        }));
-    }
-
-    /// Takes the rows read (of partitions still held under the same lease),
-    /// and applies every waiting batch whose keys are now all held or known
-    /// to be stored nowhere; a batch that still misses keys asks for them.
-    fn read_done(
-        &mut self,
-        asked: Vec<(i32, Vec<A::Key>)>,
-        rows: crate::sink::store::Rows<A>,
-        leases: &HashMap<i32, Lease>,
-        ctx: &mut Context<Self>,
-    ) {
-        let current =
-            |act: &Self, p: &i32| leases.get(p).is_some() && act.leases.get(p) == leases.get(p);
-        let mut absent: HashMap<i32, HashSet<A::Key>> = asked
-            .into_iter()
-            .map(|(p, keys)| (p, keys.into_iter().collect()))
-            .collect();
-        for row in rows {
-            if let Some(keys) = absent.get_mut(&row.partition) {
-                keys.remove(&row.key);
-            }
-            if current(self, &row.partition) {
-                self.state.load_rows(row.partition, [row]);
-            }
-        }
-        let partitions: Vec<i32> = self.reads.waiting.keys().copied().collect();
-        for partition in partitions {
-            let absent = absent.remove(&partition).unwrap_or_default();
-            while !self.halted {
-                let Some(front) = self.reads.waiting.get(&partition).and_then(|w| w.front()) else {
-                    break;
-                };
-                let touched = front
-                    .batch
-                    .changes
-                    .iter()
-                    .map(|(o, origin, c)| (*o, *origin, c));
-                let missing: Vec<A::Key> = self
-                    .state
-                    .missing(partition, touched)
-                    .into_iter()
-                    .filter(|key| !absent.contains(key))
-                    .collect();
-                if !missing.is_empty() {
-                    self.reads
-                        .unread
-                        .entry(partition)
-                        .or_default()
-                        .extend(missing);
-                    break;
-                }
-                let waiting = self
-                    .reads
-                    .waiting
-                    .get_mut(&partition)
-                    .and_then(VecDeque::pop_front);
-                let Some(Waiting { batch, reply }) = waiting else {
-                    break;
-                };
-                let _ = reply.send(self.apply(batch, ctx));
-            }
-            if self
-                .reads
-                .waiting
-                .get(&partition)
-                .is_some_and(VecDeque::is_empty)
-            {
-                self.reads.waiting.remove(&partition);
-            }
-        }
-        self.read_more(ctx);
-    }
-
-    /// The stored rows of `keys`, in one read (of every partition's keys),
-    /// retried while ClickHouse fails (as inserts are).
+    /// The stored rows of `keys` in `partition`, in one read, retried while
+    /// ClickHouse fails (as inserts are): meanwhile this aggregator takes
+    /// nothing else, and its partitions' backlog pauses the consumer.
     fn read_back(
-        sink: S,
-        keys: Vec<(i32, Vec<A::Key>)>,
+        &self,
+        partition: i32,
+        keys: Vec<A::Key>,
+        span: tracing::Span,
     ) -> impl std::future::Future<Output = Result<crate::sink::store::Rows<A>, SinkError>> + 'static
     {
-        let keys: Vec<(i32, A::Key)> = keys
-            .into_iter()
-            .flat_map(|(p, keys)| keys.into_iter().map(move |k| (p, k)))
-            .collect();
-        let span = tracing::info_span!("read_back", aggregate = A::NAME, keys = keys.len());
+        let sink = self.sink.clone();
+        let read = tracing::info_span!(parent: &span, "read_back", aggregate = A::NAME, partition, keys = keys.len());
+        let keys: Vec<(i32, A::Key)> = keys.into_iter().map(|key| (partition, key)).collect();
         async move {
             let mut backoff = Backoff::default();
             for attempt in 1u64.. {
@@ -672,7 +500,7 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
             }
             unreachable!("the attempts never run out")
         }
-        .instrument(span)
+        .instrument(read)
     }
 }
 
@@ -690,12 +518,31 @@ impl<A: SinkTable, S: Store> Handler<ApplyChanges> for AggregatorActor<A, S> {
         self.panics.maybe_panic(A::NAME);
         let touched = batch.changes.iter().map(|(o, origin, c)| (*o, *origin, c));
         let missing = self.state.missing(batch.partition, touched);
-        // Behind a batch of its partition that waits for rows, a batch waits
-        // too (its own misses read along): a partition's batches apply in order.
-        if missing.is_empty() && !self.reads.waiting.contains_key(&batch.partition) {
+        if missing.is_empty() {
             return ActorResponse::reply(self.apply(batch, ctx));
         }
-        self.hold(batch, missing, ctx)
+        // The rows of the keys not held are read back first; until the batch
+        // is applied this aggregator takes no other message, so batches (and
+        // loads, releases and flushes) keep their order.
+        let (reply, replied) = tokio::sync::oneshot::channel();
+        let read = self.read_back(batch.partition, missing, batch.span.clone());
+        ctx.wait(read.into_actor(self).map(move |rows, act, ctx| {
+            let applied = match rows {
+                _ if act.halted => Err(Refused::Halted),
+                Ok(rows) => {
+                    act.state.load_rows(batch.partition, rows);
+                    act.apply(batch, ctx)
+                }
+                Err(e) => {
+                    act.unstorable(&e);
+                    Err(Refused::Halted)
+                }
+            };
+            let _ = reply.send(applied);
+        }));
+        ActorResponse::r#async(
+            async move { replied.await.unwrap_or(Err(Refused::Halted)) }.into_actor(self),
+        )
     }
 }
 
