@@ -86,7 +86,7 @@ async fn bench_all_runs_every_bench_and_judges_every_goal() {
         ("history: memory under load <= 256 MiB", "n/a"),
         ("history: start to first commit <= 5 s", "n/a"),
         (
-            "history: current-traffic events/s within 10 % of the empty history",
+            "history: steady current-traffic events/s within 10 % of the empty history",
             "n/a",
         ),
         (
