@@ -12,7 +12,6 @@
 //! applied, which recognises an event Debezium sends again at a new offset
 //! (see `state`).
 
-mod evicted;
 mod kinds;
 mod state;
 
@@ -50,7 +49,7 @@ pub use kinds::{
     CustomerTotals, CustomersByMinute, OrderTotals, OrdersByMinute, ProductInfo, ProductSales,
     Products, SalesTotals,
 };
-pub use state::{AggregateState, Applied, PartitionMark, SourceMark, StoredRow, Unplaceable};
+pub use state::{AggregateState, Applied, SourceMark, StoredRow, Unplaceable};
 
 use std::fmt::Debug;
 use std::hash::Hash;
