@@ -11,7 +11,8 @@ use anyhow::Context as _;
 
 use crate::actors::{Fatal, Pipeline, Supervision, Wiring};
 use crate::config::Config;
-use crate::sink::{ClickHouseSink, DeadLetters, Store};
+use crate::registry::{each_aggregate, EachAggregate, InTurn};
+use crate::sink::{ClickHouseSink, DeadLetters, SinkTable, Store};
 use crate::source::{KafkaSource, LogStartedOver};
 
 /// How a run ended. The binary maps each to its exit code (the README,
@@ -111,8 +112,41 @@ pub fn run<S: Display>(config: Config, stop: impl Future<Output = S>) -> anyhow:
                 "added the columns this release needs to tables created by an older one"
             );
         }
+        prepare_marks(&sink, &config.clickhouse.database)
+            .await
+            .context("preparing the marks table (analytics.source_marks)")?;
         process(config, sink, stop).await
     })
+}
+
+/// Creates the marks table if it is missing, and fills in the marks of
+/// tables written before it from their rows (README, "Upgrading").
+async fn prepare_marks(sink: &ClickHouseSink, database: &str) -> anyhow::Result<()> {
+    struct FillIn<'a>(
+        &'a ClickHouseSink,
+        InTurn<'a, (&'static str, Option<usize>)>,
+    );
+    impl EachAggregate for FillIn<'_> {
+        fn visit<A: SinkTable>(&mut self) {
+            let sink = self.0;
+            self.1 .0.push(Box::pin(async move {
+                Ok((A::NAME, sink.fill_in_marks::<A>().await?))
+            }));
+        }
+    }
+    sink.create_marks_table(database).await?;
+    let mut fill_in = FillIn(sink, InTurn(Vec::new()));
+    each_aggregate(&mut fill_in);
+    for (aggregate, filled) in fill_in.1.all().await? {
+        if let Some(partitions) = filled {
+            tracing::warn!(
+                aggregate,
+                partitions,
+                "filled in the marks of rows written by an older release"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// [`run`] with the aggregates in `store` instead of ClickHouse, and

@@ -137,6 +137,10 @@ pub struct FlushConfig {
     /// sooner than this after the previous write: the most inserts per
     /// second into each table while events trickle in.
     pub min_interval: Duration,
+    /// The rows each aggregate keeps in memory once they are written: past
+    /// it, those least recently touched are dropped after a flush, and read
+    /// back from ClickHouse when an event touches them again.
+    pub held_rows: usize,
 }
 
 /// The restart policy of each actor kind.
@@ -369,6 +373,7 @@ const KNOWN: &[&str] = &[
     "ETL_FLUSH_INTERVAL_MS",
     "ETL_FLUSH_MAX_ROWS",
     "ETL_FLUSH_MIN_INTERVAL_MS",
+    "ETL_STATE_MAX_ROWS",
     "ETL_POSTGRES_URL",
     "ETL_LOG",
     "ETL_MAX_INFLIGHT_RECORDS",
@@ -452,6 +457,7 @@ fn flush_config(s: &Settings) -> Result<FlushConfig, ConfigError> {
         interval,
         max_rows: s.parsed("ETL_FLUSH_MAX_ROWS", 50_000, at_least(1))?,
         min_interval,
+        held_rows: s.parsed("ETL_STATE_MAX_ROWS", 200_000, at_least(1))?,
     };
     if flush.min_interval > flush.interval {
         return Err(s.out_of_order(

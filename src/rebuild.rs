@@ -10,8 +10,6 @@
 //! too, since events before a partition's snapshot count as replays.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -22,7 +20,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use crate::aggregate::{AggregateState, SourceMark};
 use crate::cdc::{Position, SnapshotId, Table};
 use crate::config::Config;
-use crate::registry::{each_aggregate, AllAggregates, EachAggregate, EachState};
+use crate::registry::{each_aggregate, AllAggregates, EachAggregate, EachState, InTurn};
 use crate::replay::ReplaySummary;
 use crate::sink::{ClickHouseSink, SinkTable};
 use crate::source::kafka::consumer_config;
@@ -426,19 +424,6 @@ fn marks(all: &AllAggregates) -> Vec<(Table, i32, SourceMark)> {
     marks.0
 }
 
-/// Futures of one kind, one per aggregate, awaited in the list's order.
-struct InTurn<'a, T>(Vec<Pin<Box<dyn Future<Output = anyhow::Result<T>> + 'a>>>);
-
-impl<T> InTurn<'_, T> {
-    async fn all(self) -> anyhow::Result<Vec<T>> {
-        let mut done = Vec::with_capacity(self.0.len());
-        for future in self.0 {
-            done.push(future.await?);
-        }
-        Ok(done)
-    }
-}
-
 /// The highest offset each live table stores from each of `partitions`
 /// (nothing for a table that does not exist yet): a processor that writes
 /// moves them.
@@ -508,10 +493,14 @@ async fn write_all<A: SinkTable>(
 ) -> anyhow::Result<(&'static str, usize)> {
     let rows = state.dirty_rows();
     for chunk in rows.chunks(INSERT_ROWS) {
-        sink.write::<A>(chunk)
+        sink.write::<A>(chunk, &[])
             .await
             .with_context(|| format!("writing the rebuilt {}", A::NAME))?;
     }
+    // The marks last, as a flush writes them: after every row they cover.
+    sink.write::<A>(&[], &state.partition_marks())
+        .await
+        .with_context(|| format!("writing the rebuilt {}'s marks", A::NAME))?;
     let stored = sink.count_rows(A::NAME).await?;
     if stored != rows.len() as u64 {
         bail!(

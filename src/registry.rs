@@ -6,6 +6,9 @@
 //! pipeline, replay, rebuild and reconcile all go through the list.
 //! Each source table feeds exactly one aggregate.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use crate::aggregate::{
     Aggregate, AggregateState, Applied, CustomersByMinute, OrdersByMinute, ProductSales, Products,
     Unplaceable,
@@ -16,6 +19,20 @@ use crate::sink::SinkTable;
 /// Something done once for each aggregate type.
 pub trait EachAggregate {
     fn visit<A: SinkTable>(&mut self);
+}
+
+/// Futures of one kind, one per aggregate (pushed by an [`EachAggregate`]
+/// or [`EachState`] visitor), awaited in the list's order.
+pub struct InTurn<'a, T>(pub Vec<Pin<Box<dyn Future<Output = anyhow::Result<T>> + 'a>>>);
+
+impl<T> InTurn<'_, T> {
+    pub async fn all(self) -> anyhow::Result<Vec<T>> {
+        let mut done = Vec::with_capacity(self.0.len());
+        for future in self.0 {
+            done.push(future.await?);
+        }
+        Ok(done)
+    }
 }
 
 /// Something done once for each aggregate's state in an [`AllAggregates`].

@@ -287,6 +287,49 @@ fn a_store_that_stops_taking_writes_pauses_the_consumer_at_the_inflight_bound() 
     assert_eq!(topics.committed("paused"), topics.ends);
 }
 
+/// A state bound far below the keys: written rows are evicted after each
+/// flush and read back by key when an event touches them again (orders
+/// moving through their statuses, products sold again). The totals end
+/// exact; a second group replaying the whole topics on the same store
+/// (a restart from scratch) changes nothing.
+#[test]
+fn with_a_small_state_bound_evicted_rows_are_read_back_and_the_totals_stay_exact() {
+    let _serial = one_at_a_time();
+    let topics = preload(20_000, 4);
+    let store = MemoryStore::default();
+    let per_aggregate = |map: &dashmap::DashMap<&'static str, std::sync::atomic::AtomicU64>| {
+        map.iter()
+            .map(|e| e.value().load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let evicted = || per_aggregate(&telemetry::counters().rows_evicted);
+    let read_back = || per_aggregate(&telemetry::counters().rows_read_back);
+    let (evicted_before, read_before) = (evicted(), read_back());
+    let bounded = [
+        ("ETL_STATE_MAX_ROWS", "40"),
+        ("ETL_FLUSH_MAX_ROWS", "100"),
+        ("ETL_BATCH_MAX_RECORDS", "200"),
+    ];
+    let processor = Processor::start(topics.config("bounded", &bounded), store.clone());
+    await_exact(&store, &topics, Duration::from_secs(90));
+    assert_eq!(processor.stop(), Outcome::Stopped);
+    assert_eq!(topics.committed("bounded"), topics.ends);
+    assert!(evicted() > evicted_before, "no row was evicted");
+    assert!(read_back() > read_before, "no evicted row was read back");
+    let reads = store.key_reads();
+    assert!(reads > 0);
+
+    // Every event again, from offset 0: all are replays the marks cover.
+    let processor = Processor::start(topics.config("bounded-again", &bounded), store.clone());
+    await_until(
+        "the second group to commit the ends",
+        Duration::from_secs(90),
+        || topics.committed("bounded-again") == topics.ends,
+    );
+    assert_eq!(processor.stop(), Outcome::Stopped);
+    assert_eq!(differences(&store, &topics.expected), Vec::<String>::new());
+}
+
 #[cfg(feature = "faults")]
 #[test]
 fn an_aggregator_that_panics_is_restarted_and_its_partitions_replayed_exactly() {

@@ -14,6 +14,10 @@
 -- applied at exactly that position). That is what recognises an event
 -- Debezium sends again at a new offset. The processor adds these columns to
 -- tables created before them.
+--
+-- The tables are ordered by the aggregate key first, so that the processor
+-- reads back the rows of the keys an event touches (those it does not hold in
+-- memory) with a primary-key range read, not a scan.
 CREATE DATABASE IF NOT EXISTS analytics;
 
 -- Orders by (minute of created_at, UTC; status): count and sum(total_amount).
@@ -88,3 +92,25 @@ CREATE TABLE IF NOT EXISTS analytics.products
 )
 ENGINE = ReplacingMergeTree(source_offset)
 ORDER BY (product_id, source_partition);
+
+-- How far each aggregate's stored rows reach, per source partition: the Kafka
+-- offset the flush that wrote them covered (every event up to it has its
+-- effect in the rows) and the source mark then (the columns the sums' rows
+-- carry). Written after each flush's rows, so it never claims more than they
+-- hold; read when a partition is assigned, which then needs none of its rows.
+-- The processor creates it, and fills it from the rows of tables written
+-- before it existed.
+CREATE TABLE IF NOT EXISTS analytics.source_marks
+(
+    aggregate        String,
+    source_partition UInt32,
+    source_offset    UInt64,
+    source_snapshot  UInt64,
+    source_snapshot_ms Int64,
+    source_snapshot_offset UInt64,
+    source_commit    UInt64,
+    source_lsn       UInt64,
+    source_rows      Array(Int64)
+)
+ENGINE = ReplacingMergeTree(source_offset)
+ORDER BY (aggregate, source_partition);

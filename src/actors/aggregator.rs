@@ -12,16 +12,17 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::sink::{SinkActor, Write};
+use super::sink::{Backoff, SinkActor, Write};
 use super::supervisor::{Fatal, Supervised, Supervision};
-use crate::aggregate::AggregateState;
+use crate::aggregate::{AggregateState, PartitionMark};
 use crate::cdc::{Origin, Table, TableChange};
 use crate::config::FlushConfig;
 use crate::faults::{FaultConfig, PanicInjector};
 use crate::restart::ActorKind;
-use crate::sink::{SinkTable, Store};
+use crate::sink::{SinkError, SinkTable, Store};
 use crate::telemetry::{self, metrics, traces, Queued};
 use opentelemetry::trace::SpanContext;
+use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The right to feed one partition to an aggregator instance, granted by
@@ -143,7 +144,7 @@ type Rows<A> = Arc<
 struct InFlight<A: SinkTable> {
     rows: Rows<A>,
     /// The watermarks taken with the rows: what the flush makes safe to commit.
-    marks: Vec<(i32, i64)>,
+    watermarks: Vec<(i32, i64)>,
     outcome: tokio::sync::oneshot::Receiver<Result<Duration, WriteFailed>>,
 }
 
@@ -200,14 +201,15 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
     fn start_flush(&mut self, ctx: &mut Context<Self>) {
         debug_assert!(self.in_flight.is_none());
         let rows = Arc::new(self.state.dirty_rows());
-        let marks: Vec<(i32, i64)> = self
+        let watermarks: Vec<(i32, i64)> = self
             .state
             .watermarks()
             .filter(|(p, o)| self.committed.get(p).is_none_or(|c| c < o))
             .collect();
-        if rows.is_empty() && marks.is_empty() {
+        if rows.is_empty() && watermarks.is_empty() {
             return;
         }
+        let marks = self.marks_of(watermarks.iter().map(|(p, _)| *p));
         self.updated_since_flush = 0;
         self.last_flush = Instant::now();
         let span = tracing::info_span!(
@@ -221,14 +223,14 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
         }
         // Its own task: the write must go on while this actor's mailbox waits
         // for it (a waiting context polls nothing it spawned).
-        let write = self.write(rows.clone(), span);
+        let write = self.write(rows.clone(), marks, span);
         let (done, outcome) = tokio::sync::oneshot::channel();
         actix::spawn(async move {
             let _ = done.send(write.await);
         });
         self.in_flight = Some(InFlight {
             rows,
-            marks,
+            watermarks,
             outcome,
         });
         if !self.watching {
@@ -240,22 +242,27 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
     /// The in-flight flush ended: on success its rows are clean (unless
     /// changed since) and its watermarks are committed.
     fn finish_flush(&mut self, flight: InFlight<A>, result: Result<Duration, WriteFailed>) {
-        let InFlight { rows, marks, .. } = flight;
+        let InFlight {
+            rows, watermarks, ..
+        } = flight;
         match result {
             Ok(took) => {
                 self.state.mark_flushed(&rows);
                 telemetry::flushed(A::NAME, rows.len() as u64);
                 metrics::record_flush(A::NAME, took);
                 tracing::debug!(aggregate = A::NAME, rows = rows.len(), ?took, "flushed");
-                for &(partition, offset) in &marks {
+                for &(partition, offset) in &watermarks {
                     self.committed.insert(partition, offset);
                 }
-                if !marks.is_empty() {
+                if !watermarks.is_empty() {
                     self.flushed.do_send(Flushed {
                         table: A::SOURCE,
-                        offsets: marks.iter().map(|&(p, o)| (p, o + 1)).collect(),
+                        offsets: watermarks.iter().map(|&(p, o)| (p, o + 1)).collect(),
                     });
                 }
+                // Written rows can go now; those least recently touched do.
+                let evicted = self.state.evict(self.flush.held_rows);
+                telemetry::state_size(A::NAME, evicted as u64, self.state.len());
             }
             Err(WriteFailed::Unstorable(e)) => self.unstorable(&e),
             Err(WriteFailed::SinkGone) => {
@@ -269,22 +276,36 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
         }
     }
 
-    /// Hands rows to the sink actor; resolves with how long they took.
+    /// What a flush covering `partitions` up to their watermarks stores of
+    /// each as a whole.
+    fn marks_of(&self, partitions: impl IntoIterator<Item = i32>) -> Arc<Vec<PartitionMark>> {
+        Arc::new(
+            partitions
+                .into_iter()
+                .filter_map(|p| self.state.partition_mark(p))
+                .collect(),
+        )
+    }
+
+    /// Hands rows, and then the partitions' marks, to the sink actor;
+    /// resolves with how long they took.
     fn write(
         &self,
         rows: Rows<A>,
+        marks: Arc<Vec<PartitionMark>>,
         span: tracing::Span,
     ) -> impl std::future::Future<Output = Result<Duration, WriteFailed>> + 'static {
         let writer = self.writer.addr();
         let mailbox = self.writer.mailbox().clone();
         async move {
             let started = std::time::Instant::now();
-            if rows.is_empty() {
+            if rows.is_empty() && marks.is_empty() {
                 return Ok(started.elapsed());
             }
             let writer = writer.ok_or(WriteFailed::SinkGone)?;
             let write = Write {
                 rows,
+                marks,
                 queued: mailbox.enqueued(),
                 span,
             };
@@ -390,22 +411,23 @@ impl<A: SinkTable, S: Store> Actor for AggregatorActor<A, S> {
     }
 }
 
-impl<A: SinkTable, S: Store> Handler<ApplyChanges> for AggregatorActor<A, S> {
-    type Result = Result<(), Refused>;
-
-    fn handle(&mut self, batch: ApplyChanges, ctx: &mut Self::Context) -> Self::Result {
-        drop(batch.queued);
-        if self.halted {
-            return Err(Refused::Halted);
-        }
-        if self.leases.get(&batch.partition) != Some(&batch.lease) {
-            telemetry::stale_batch();
-            return Err(Refused::StaleLease);
-        }
-        self.panics.maybe_panic(A::NAME);
-        let _span = tracing::info_span!(parent: &batch.span, "aggregate", aggregate = A::NAME, changes = batch.changes.len()).entered();
-        for (offset, origin, change) in &batch.changes {
-            let applied = match self.state.apply(batch.partition, *offset, *origin, change) {
+impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
+    /// Applies a batch whose keys are all held (or were never stored).
+    fn apply(&mut self, batch: ApplyChanges, ctx: &mut Context<Self>) -> Result<(), Refused> {
+        let ApplyChanges {
+            partition,
+            lease: _,
+            last_offset,
+            caught_up,
+            changes,
+            newest_committed_ms,
+            queued,
+            span,
+        } = batch;
+        drop(queued);
+        let _span = tracing::info_span!(parent: &span, "aggregate", aggregate = A::NAME, changes = changes.len()).entered();
+        for (offset, origin, change) in &changes {
+            let applied = match self.state.apply(partition, *offset, *origin, change) {
                 Ok(applied) => applied,
                 Err(e) => {
                     tracing::error!(error = %e, "an event cannot be placed in its partition's history (README, \"The source started over\")");
@@ -424,27 +446,103 @@ impl<A: SinkTable, S: Store> Handler<ApplyChanges> for AggregatorActor<A, S> {
                 telemetry::new_snapshot(A::NAME);
                 tracing::warn!(
                     aggregate = A::NAME,
-                    partition = batch.partition,
+                    partition,
                     offset,
                     ?origin,
                     "a new snapshot of the source begins: it replaces the partition's rows"
                 );
             }
         }
-        self.state.observe(batch.partition, batch.last_offset);
-        if let Some(committed) = batch.newest_committed_ms {
+        self.state.observe(partition, last_offset);
+        if let Some(committed) = newest_committed_ms {
             telemetry::applied(A::SOURCE, committed);
         }
         if self.batches_since_flush.len() < traces::MAX_LINKS {
-            self.batches_since_flush
-                .extend(traces::link_to(&batch.span));
+            self.batches_since_flush.extend(traces::link_to(&span));
         }
         if self.updated_since_flush >= self.flush.max_rows {
             self.flush(ctx);
-        } else if batch.caught_up {
+        } else if caught_up {
             self.caught_up(ctx);
         }
         Ok(())
+    }
+
+    /// The stored rows of `keys` in `partition`, in one read, retried while
+    /// ClickHouse fails (as inserts are): meanwhile this aggregator takes
+    /// nothing else, and its partitions' backlog pauses the consumer.
+    fn read_back(
+        &self,
+        partition: i32,
+        keys: Vec<A::Key>,
+        span: tracing::Span,
+    ) -> impl std::future::Future<Output = Result<crate::sink::store::Rows<A>, SinkError>> + 'static
+    {
+        let sink = self.sink.clone();
+        let read = tracing::info_span!(parent: &span, "read_back", aggregate = A::NAME, partition, keys = keys.len());
+        let keys: Vec<(i32, A::Key)> = keys.into_iter().map(|key| (partition, key)).collect();
+        async move {
+            let mut backoff = Backoff::default();
+            for attempt in 1u64.. {
+                match sink.load_keys::<A>(&keys).await {
+                    Ok(rows) => {
+                        telemetry::read_back(A::NAME, rows.len() as u64);
+                        return Ok(rows);
+                    }
+                    Err(e) if e.is_permanent() => return Err(e),
+                    Err(e) => {
+                        if attempt % 10 == 1 {
+                            tracing::warn!(aggregate = A::NAME, attempt, error = %e, retry_in = ?backoff.next(), "reading rows back failed; retrying");
+                        }
+                        backoff.pause().await;
+                    }
+                }
+            }
+            unreachable!("the attempts never run out")
+        }
+        .instrument(read)
+    }
+}
+
+impl<A: SinkTable, S: Store> Handler<ApplyChanges> for AggregatorActor<A, S> {
+    type Result = ActorResponse<Self, Result<(), Refused>>;
+
+    fn handle(&mut self, batch: ApplyChanges, ctx: &mut Self::Context) -> Self::Result {
+        if self.halted {
+            return ActorResponse::reply(Err(Refused::Halted));
+        }
+        if self.leases.get(&batch.partition) != Some(&batch.lease) {
+            telemetry::stale_batch();
+            return ActorResponse::reply(Err(Refused::StaleLease));
+        }
+        self.panics.maybe_panic(A::NAME);
+        let touched = batch.changes.iter().map(|(o, origin, c)| (*o, *origin, c));
+        let missing = self.state.missing(batch.partition, touched);
+        if missing.is_empty() {
+            return ActorResponse::reply(self.apply(batch, ctx));
+        }
+        // The rows of the keys not held are read back first; until the batch
+        // is applied this aggregator takes no other message, so batches (and
+        // loads, releases and flushes) keep their order.
+        let (reply, replied) = tokio::sync::oneshot::channel();
+        let read = self.read_back(batch.partition, missing, batch.span.clone());
+        ctx.wait(read.into_actor(self).map(move |rows, act, ctx| {
+            let applied = match rows {
+                _ if act.halted => Err(Refused::Halted),
+                Ok(rows) => {
+                    act.state.load_rows(batch.partition, rows);
+                    act.apply(batch, ctx)
+                }
+                Err(e) => {
+                    act.unstorable(&e);
+                    Err(Refused::Halted)
+                }
+            };
+            let _ = reply.send(applied);
+        }));
+        ActorResponse::r#async(
+            async move { replied.await.unwrap_or(Err(Refused::Halted)) }.into_actor(self),
+        )
     }
 }
 
@@ -460,16 +558,18 @@ impl<A: SinkTable, S: Store> Handler<Acquire> for AggregatorActor<A, S> {
                     act.forget(&partitions);
                     let sink = act.sink.clone();
                     async move {
-                        // A dimension that keeps no written rows has nothing
-                        // to load: replays are settled by the sink's offsets.
                         let loaded = async {
-                            let rows = if A::KEEPS_STORED_ROWS {
-                                sink.load_partitions::<A>(&partitions).await?
-                            } else {
-                                Vec::new()
-                            };
-                            let highest = sink.highest_offsets::<A>(&partitions).await?;
-                            Ok::<_, crate::sink::SinkError>((rows, highest))
+                            let marks = sink.load_marks::<A>(&partitions).await?;
+                            // Until a partition streams its first change, a
+                            // snapshot taken again replaces all of its rows:
+                            // it is held whole. Any other is read back by key.
+                            let whole: Vec<i32> = marks
+                                .iter()
+                                .filter(|m| A::KEEPS_STORED_ROWS && m.in_snapshot())
+                                .map(|m| m.partition)
+                                .collect();
+                            let rows = sink.load_partitions::<A>(&whole).await?;
+                            Ok::<_, SinkError>((marks, whole, rows))
                         }
                         .await;
                         (partitions, loaded)
@@ -477,7 +577,10 @@ impl<A: SinkTable, S: Store> Handler<Acquire> for AggregatorActor<A, S> {
                     .into_actor(act)
                 })
                 .map(|(partitions, result), act, _| {
-                    let (rows, highest) = result.map_err(|e| e.to_string())?;
+                    let (marks, whole, rows) = result.map_err(|e| e.to_string())?;
+                    for mark in &marks {
+                        act.state.start(mark, !whole.contains(&mark.partition));
+                    }
                     let loaded = rows.len();
                     act.state.load(rows);
                     let leases = partitions
@@ -486,8 +589,10 @@ impl<A: SinkTable, S: Store> Handler<Acquire> for AggregatorActor<A, S> {
                             act.next_lease += 1;
                             let lease = Lease(act.next_lease);
                             act.leases.insert(partition, lease);
-                            let highest_stored =
-                                highest.iter().find(|(p, _)| *p == partition).map(|h| h.1);
+                            let highest_stored = marks
+                                .iter()
+                                .find(|m| m.partition == partition)
+                                .map(|m| m.offset);
                             Acquired {
                                 lease,
                                 highest_stored,
@@ -497,6 +602,7 @@ impl<A: SinkTable, S: Store> Handler<Acquire> for AggregatorActor<A, S> {
                     tracing::info!(
                         aggregate = A::NAME,
                         ?partitions,
+                        ?whole,
                         rows = loaded,
                         "partition state loaded"
                     );
@@ -521,11 +627,17 @@ impl<A: SinkTable, S: Store> Handler<Release> for AggregatorActor<A, S> {
                 .then(move |(), act: &mut Self, _| {
                     // Only these partitions' rows: the others' flush on their
                     // own bounds, and their commits with them.
-                    let rows = Arc::new(if lost || act.halted {
-                        Vec::new()
-                    } else {
+                    let written = !lost && !act.halted;
+                    let rows = Arc::new(if written {
                         act.state.dirty_rows_of(&partitions)
+                    } else {
+                        Vec::new()
                     });
+                    let marks = if written {
+                        act.marks_of(partitions.iter().copied())
+                    } else {
+                        Arc::default()
+                    };
                     let span = tracing::info_span!(
                         "flush",
                         aggregate = A::NAME,
@@ -533,7 +645,7 @@ impl<A: SinkTable, S: Store> Handler<Release> for AggregatorActor<A, S> {
                         ?partitions,
                         lost
                     );
-                    act.write(rows.clone(), span)
+                    act.write(rows.clone(), marks, span)
                         .into_actor(act)
                         .map(move |result, _, _| (partitions, rows, result))
                 })
@@ -627,6 +739,7 @@ mod tests {
             interval: Duration::from_secs(60),
             max_rows: 1_000,
             min_interval: Duration::ZERO,
+            held_rows: 1_000,
         };
         let (store, own) = (store.clone(), supervision.clone());
         let aggregator: Supervised<AggregatorActor<Products, MemoryStore>> = supervision.start(

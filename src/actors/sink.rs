@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::aggregate::StoredRow;
+use crate::aggregate::{PartitionMark, StoredRow};
 use crate::faults::{FaultConfig, PanicInjector};
 use crate::restart::ActorKind;
 use crate::sink::{SinkError, SinkTable, Store};
@@ -15,6 +15,8 @@ use tracing::Instrument;
 /// an error that retrying cannot fix.
 pub struct Write<A: SinkTable> {
     pub rows: Arc<Vec<StoredRow<A::Key, A::Value>>>,
+    /// What the rows' flush covers of each partition, stored after them.
+    pub marks: Arc<Vec<PartitionMark>>,
     pub queued: Queued,
     /// The flush this write is for.
     pub span: tracing::Span,
@@ -39,6 +41,36 @@ pub struct SinkActor<A: SinkTable, S: Store> {
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// The waits between attempts of one call to the store: doubling from
+/// [`RETRY_FIRST`] up to [`RETRY_MAX`], with equal jitter, so that
+/// instances that failed together spread out.
+pub(super) struct Backoff {
+    wait: Duration,
+    rng: fastrand::Rng,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            wait: RETRY_FIRST,
+            rng: fastrand::Rng::new(),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before the next attempt, give or take its jitter.
+    pub(super) fn next(&self) -> Duration {
+        self.wait
+    }
+
+    pub(super) async fn pause(&mut self) {
+        let wait = self.wait / 2 + self.wait.mul_f64(self.rng.f64() / 2.0);
+        tokio::time::sleep(wait).await;
+        self.wait = (self.wait * 2).min(RETRY_MAX);
+    }
+}
+
 impl<A: SinkTable, S: Store> SinkActor<A, S> {
     pub fn new(sink: S, faults: Arc<FaultConfig>) -> Self {
         SinkActor {
@@ -58,7 +90,12 @@ impl<A: SinkTable, S: Store> Handler<Write<A>> for SinkActor<A, S> {
     type Result = ResponseFuture<Result<(), SinkError>>;
 
     fn handle(&mut self, write: Write<A>, _: &mut Self::Context) -> Self::Result {
-        let Write { rows, queued, span } = write;
+        let Write {
+            rows,
+            marks,
+            queued,
+            span,
+        } = write;
         drop(queued);
         self.panics.maybe_panic(A::NAME);
         let insert = tracing::info_span!(
@@ -75,12 +112,12 @@ impl<A: SinkTable, S: Store> Handler<Write<A>> for SinkActor<A, S> {
         let faults = self.faults.clone();
         let mut rng = fastrand::Rng::new();
         Box::pin(async move {
-            let mut wait = RETRY_FIRST;
+            let mut backoff = Backoff::default();
             let mut attempt = 0u64;
             loop {
                 attempt += 1;
                 let result = match faults.before_insert(&mut rng).await {
-                    Ok(()) => sink.write::<A>(&rows).await,
+                    Ok(()) => sink.write::<A>(&rows, &marks).await,
                     Err(injected) => Err(injected),
                 };
                 telemetry::sink_failing(A::NAME, result.is_err());
@@ -101,11 +138,9 @@ impl<A: SinkTable, S: Store> Handler<Write<A>> for SinkActor<A, S> {
                         telemetry::insert_retry(A::NAME);
                         // Log the first failure and then every tenth, not each.
                         if attempt % 10 == 1 {
-                            tracing::warn!(aggregate = A::NAME, attempt, error = %e, retry_in = ?wait, "insert failed; retrying");
+                            tracing::warn!(aggregate = A::NAME, attempt, error = %e, retry_in = ?backoff.next(), "insert failed; retrying");
                         }
-                        // Equal jitter: instances that failed together spread out.
-                        tokio::time::sleep(wait / 2 + wait.mul_f64(rng.f64() / 2.0)).await;
-                        wait = (wait * 2).min(RETRY_MAX);
+                        backoff.pause().await;
                     }
                 }
             }

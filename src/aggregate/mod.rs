@@ -12,6 +12,7 @@
 //! applied, which recognises an event Debezium sends again at a new offset
 //! (see `state`).
 
+mod evicted;
 mod kinds;
 mod state;
 
@@ -49,7 +50,7 @@ pub use kinds::{
     CustomerTotals, CustomersByMinute, OrderTotals, OrdersByMinute, ProductInfo, ProductSales,
     Products, SalesTotals,
 };
-pub use state::{AggregateState, Applied, SourceMark, StoredRow, Unplaceable};
+pub use state::{AggregateState, Applied, PartitionMark, SourceMark, StoredRow, Unplaceable};
 
 use std::fmt::Debug;
 use std::hash::Hash;

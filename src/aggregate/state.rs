@@ -6,9 +6,10 @@
 
 use std::cmp::Ordering;
 use std::collections::hash_map::Entry as Slot;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use super::evicted::Evicted;
 use super::{Aggregate, Measure, Offset, Partition};
 use crate::cdc::{Origin, Position, SnapshotId, TableChange};
 
@@ -84,6 +85,24 @@ pub struct SourceMark {
     pub rows: Arc<[i64]>,
 }
 
+/// What is stored of one partition as a whole, written after each flush's
+/// rows: the offset their flush covered (every event up to it has its effect
+/// in the stored rows) and how far into the source they reach.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionMark {
+    pub partition: Partition,
+    pub offset: Offset,
+    pub mark: SourceMark,
+}
+
+impl PartitionMark {
+    /// No change streamed after the snapshot yet: a snapshot taken again
+    /// would replace every row of the partition, so they are all held.
+    pub fn in_snapshot(&self) -> bool {
+        self.mark.position == Position::default()
+    }
+}
+
 /// An event the state cannot place in its partition's history. Counting it
 /// could be wrong either way, so it stops the pipeline (see the README,
 /// "The source started over").
@@ -109,6 +128,15 @@ const SMALL_MAP: usize = 1024;
 /// key, and so that a row does not carry its partition number.
 struct PartitionState<K, V> {
     rows: HashMap<K, Entry<V>, Hasher>,
+    /// The keys of the rows changed since they were last written, so that a
+    /// flush costs what changed, not what is held.
+    dirty: Vec<K>,
+    /// Rows of the partition were stored before this process held it: a
+    /// key not held may be among them, so it is read back before an event
+    /// touches it.
+    partial: bool,
+    /// Otherwise, only the keys evicted since may be stored and not held.
+    evicted: Evicted,
     /// The highest offset handed to this state (applied, skipped, or without
     /// effect): what a flush makes safe to commit. None until an event came.
     watermark: Option<Offset>,
@@ -126,6 +154,9 @@ impl<K, V> Default for PartitionState<K, V> {
     fn default() -> Self {
         PartitionState {
             rows: HashMap::default(),
+            dirty: Vec::new(),
+            partial: false,
+            evicted: Evicted::default(),
             watermark: None,
             loaded_to: None,
             snapshot: SnapshotId::default(),
@@ -148,7 +179,7 @@ enum Placed {
     Replayed,
 }
 
-impl<K, V: Default> PartitionState<K, V> {
+impl<K: Clone, V: Default> PartitionState<K, V> {
     /// Places the change at `offset` in the partition's history and moves
     /// the mark past it; an error says why it cannot be placed. `latest` is
     /// the newest snapshot any partition of the table has seen.
@@ -287,10 +318,16 @@ impl<K, V: Default> PartitionState<K, V> {
     /// Returns whether it replaced an earlier snapshot.
     fn start_snapshot(&mut self, snapshot: SnapshotId, offset: Offset, rebuild: bool) -> bool {
         let replaced = self.snapshot != SnapshotId::default();
+        // Held whole until the first streamed change (see `evict`).
+        debug_assert!(!self.partial, "a partition in its snapshot is held whole");
         if rebuild {
             self.rows.clear();
+            self.dirty.clear();
         }
-        for entry in self.rows.values_mut() {
+        for (key, entry) in self.rows.iter_mut() {
+            if !entry.stamp.is_changed() {
+                self.dirty.push(key.clone());
+            }
             entry.value = V::default();
             entry.stamp = Stamp::changed(entry.stamp.offset().max(offset - 1));
         }
@@ -479,16 +516,20 @@ impl<A: Aggregate> AggregateState<A> {
         for (key, update) in A::updates(change) {
             match state.rows.entry(key) {
                 Slot::Occupied(mut slot) => {
-                    let entry = slot.get_mut();
-                    let last = entry.stamp.offset();
+                    let last = slot.get().stamp.offset();
                     if offset <= last && offset_guard {
                         applied.keys_skipped += 1;
                         continue;
                     }
+                    if !slot.get().stamp.is_changed() {
+                        state.dirty.push(slot.key().clone());
+                    }
+                    let entry = slot.get_mut();
                     entry.value.apply(&update);
                     entry.stamp = Stamp::changed(last.max(offset));
                 }
                 Slot::Vacant(slot) => {
+                    state.dirty.push(slot.key().clone());
                     let mut value = A::Value::default();
                     value.apply(&update);
                     slot.insert(Entry {
@@ -551,18 +592,38 @@ impl<A: Aggregate> AggregateState<A> {
             .filter(|(partition, _)| wanted(**partition))
             .flat_map(|(partition, state)| {
                 let mark = state.mark();
-                state
-                    .rows
-                    .iter()
-                    .filter(|(_, e)| e.stamp.is_changed())
-                    .map(move |(key, e)| StoredRow {
+                state.dirty.iter().filter_map(move |key| {
+                    let e = state.rows.get(key)?;
+                    e.stamp.is_changed().then(|| StoredRow {
                         key: key.clone(),
                         partition: *partition,
                         value: e.value.clone(),
                         offset: e.stamp.offset(),
                         mark: mark.clone(),
                     })
+                })
             })
+            .collect()
+    }
+
+    /// What a flush that covers `partition` up to its watermark stores of
+    /// it as a whole (None: no event of it came yet).
+    pub fn partition_mark(&self, partition: Partition) -> Option<PartitionMark> {
+        let state = self.partitions.get(&partition)?;
+        Some(PartitionMark {
+            partition,
+            offset: state.watermark?,
+            mark: state.mark(),
+        })
+    }
+
+    /// The marks of every partition an event came from.
+    pub fn partition_marks(&self) -> Vec<PartitionMark> {
+        let mut partitions: Vec<Partition> = self.partitions.keys().copied().collect();
+        partitions.sort_unstable();
+        partitions
+            .into_iter()
+            .filter_map(|p| self.partition_mark(p))
             .collect()
     }
 
@@ -579,7 +640,11 @@ impl<A: Aggregate> AggregateState<A> {
     /// aggregate that need not keep written rows (`A::KEEPS_STORED_ROWS`)
     /// forgets them instead.
     pub fn mark_flushed(&mut self, rows: &[StoredRow<A::Key, A::Value>]) {
+        let mut touched: Vec<Partition> = Vec::new();
         for row in rows {
+            if !touched.contains(&row.partition) {
+                touched.push(row.partition);
+            }
             let Some(state) = self.partitions.get_mut(&row.partition) else {
                 continue;
             };
@@ -593,6 +658,11 @@ impl<A: Aggregate> AggregateState<A> {
                 e.stamp = Stamp::written(row.offset);
             } else {
                 state.rows.remove(&row.key);
+            }
+        }
+        for partition in touched {
+            if let Some(PartitionState { rows, dirty, .. }) = self.partitions.get_mut(&partition) {
+                dirty.retain(|key| rows.get(key).is_some_and(|e| e.stamp.is_changed()));
             }
         }
         if !A::KEEPS_STORED_ROWS {
@@ -643,6 +713,149 @@ impl<A: Aggregate> AggregateState<A> {
         }
     }
 
+    /// Begins holding `partition` from what is stored of it as a whole:
+    /// events up to `stored.offset` were handled by an earlier owner (a
+    /// replay), and the source guard starts from its mark. `partial`: its
+    /// rows are not loaded with it, but read back as events need them.
+    pub fn start(&mut self, stored: &PartitionMark, partial: bool) {
+        self.latest_snapshot = self.latest_snapshot.max(stored.mark.snapshot);
+        let state = self.partitions.entry(stored.partition).or_default();
+        state.loaded_to = state.loaded_to.max(Some(stored.offset));
+        let mark = &stored.mark;
+        state.snapshot = mark.snapshot;
+        state.snapshot_offset = mark.snapshot_offset;
+        state.position = mark.position;
+        state.rows_at_position = mark.rows.to_vec();
+        state.partial = partial;
+    }
+
+    /// The keys `changes` (offset, origin, change) touch in `partition` that
+    /// may be stored but are not held: they are read back
+    /// ([`AggregateState::load_rows`]) before the changes are applied. Each
+    /// key once. A replayed change the loaded mark covers is skipped whole,
+    /// so its keys are not needed.
+    pub fn missing<'c>(
+        &self,
+        partition: Partition,
+        changes: impl IntoIterator<Item = (Offset, Origin, &'c TableChange)>,
+    ) -> Vec<A::Key> {
+        let Some(state) = self.partitions.get(&partition) else {
+            return Vec::new();
+        };
+        if !A::KEEPS_STORED_ROWS {
+            return Vec::new();
+        }
+        let covered = |offset: Offset, origin: Origin| {
+            self.guards().position
+                && matches!(origin, Origin::Stream(_))
+                && state.has_mark()
+                && state.loaded_to.is_some_and(|to| offset <= to)
+        };
+        let mut missing: HashSet<A::Key, Hasher> = HashSet::default();
+        for (offset, origin, change) in changes {
+            if covered(offset, origin) {
+                continue;
+            }
+            for (key, _) in A::updates(change) {
+                let stored = state.partial || state.evicted.may_contain(&key);
+                if stored && !state.rows.contains_key(&key) {
+                    missing.insert(key);
+                }
+            }
+        }
+        missing.into_iter().collect()
+    }
+
+    /// Takes rows of `partition` read back on demand, as written. A key
+    /// held already keeps what is held (it is as new or newer). The
+    /// partition's mark is not touched: it comes from [`AggregateState::start`].
+    pub fn load_rows(
+        &mut self,
+        partition: Partition,
+        rows: impl IntoIterator<Item = StoredRow<A::Key, A::Value>>,
+    ) {
+        let state = self.partitions.entry(partition).or_default();
+        for row in rows {
+            debug_assert_eq!(row.partition, partition);
+            if let Slot::Vacant(slot) = state.rows.entry(row.key) {
+                slot.insert(Entry {
+                    value: row.value,
+                    stamp: Stamp::written(row.offset),
+                });
+            }
+        }
+    }
+
+    /// Keeps at most `limit` rows held, give or take the rows not yet
+    /// written (which cannot go): once over it, drops written rows down to
+    /// three quarters of it, so that the pass over the rows is paid once per
+    /// quarter of the limit, not at every flush. A partition gives up its
+    /// rows in proportion to how many it holds, those least recently touched
+    /// first: a row's offset is where its last event was in the partition.
+    /// A partition still in its snapshot (see [`PartitionMark::in_snapshot`])
+    /// keeps its rows. Returns how many rows went.
+    pub fn evict(&mut self, limit: usize) -> usize {
+        let held = self.len();
+        if !A::KEEPS_STORED_ROWS || self.rebuild || held <= limit {
+            return 0;
+        }
+        let excess = held - limit / 4 * 3;
+        let streaming = |s: &PartitionState<A::Key, A::Value>| s.position != Position::default();
+        let evictable: usize = self
+            .partitions
+            .values()
+            .filter(|s| streaming(s))
+            .map(|s| s.rows.len() - s.dirty.len())
+            .sum();
+        if evictable == 0 {
+            return 0;
+        }
+        let mut evicted = 0;
+        for state in self.partitions.values_mut().filter(|s| streaming(s)) {
+            let mut offsets: Vec<Offset> = state
+                .rows
+                .values()
+                .filter(|e| !e.stamp.is_changed())
+                .map(|e| e.stamp.offset())
+                .collect();
+            let quota = (excess * offsets.len())
+                .div_ceil(evictable)
+                .min(offsets.len());
+            if quota == 0 {
+                continue;
+            }
+            let cutoff = *offsets.select_nth_unstable(quota - 1).1;
+            let below = offsets.iter().filter(|&&o| o < cutoff).count();
+            // Of the rows last touched at the cutoff itself, only as many as
+            // the quota leaves room for.
+            let mut at_cutoff = quota - below;
+            let PartitionState {
+                rows,
+                partial,
+                evicted: gone,
+                ..
+            } = state;
+            rows.retain(|key, e| {
+                let (offset, written) = (e.stamp.offset(), !e.stamp.is_changed());
+                let evict = written
+                    && (offset < cutoff
+                        || (offset == cutoff && at_cutoff > 0 && {
+                            at_cutoff -= 1;
+                            true
+                        }));
+                if evict && !*partial {
+                    gone.insert(key);
+                }
+                !evict
+            });
+            evicted += quota;
+            if state.rows.capacity() > 2 * state.rows.len() + SMALL_MAP {
+                state.rows.shrink_to_fit();
+            }
+        }
+        evicted
+    }
+
     /// Forgets partitions this process no longer owns (or is about to
     /// reload).
     pub fn release(&mut self, partitions: &[Partition]) {
@@ -677,7 +890,174 @@ impl<A: Aggregate> AggregateState<A> {
 mod tests {
     use super::*;
     use crate::aggregate::fixtures::{created, snapshot};
-    use crate::aggregate::{Products, SalesTotals};
+    use crate::aggregate::{ProductSales, Products, SalesTotals};
+    use crate::cdc::{Change, Op, OrderItem};
+    use rust_decimal::Decimal;
+
+    /// An order line selling one unit of `product`, created.
+    fn sold(product: i64) -> TableChange {
+        TableChange::OrderItem(Change {
+            op: Op::Create,
+            before: None,
+            after: Some(OrderItem {
+                id: product,
+                product_id: product,
+                quantity: 1,
+                unit_price: Decimal::new(250, 2),
+            }),
+        })
+    }
+
+    /// A streamed change at `offset`, its position growing with it.
+    fn streamed(offset: Offset) -> Origin {
+        Origin::Stream(Position {
+            commit: 10 + offset as u64,
+            lsn: 10 + offset as u64,
+        })
+    }
+
+    /// Partition 0 as an earlier owner left it after streaming, up to
+    /// offset 0: its rows are read back as events need them.
+    fn streaming() -> AggregateState<ProductSales> {
+        let mut state = AggregateState::<ProductSales>::default();
+        let stored = PartitionMark {
+            partition: 0,
+            offset: 0,
+            mark: SourceMark {
+                snapshot: SnapshotId {
+                    lsn: 1,
+                    started_ms: 1,
+                },
+                snapshot_offset: 0,
+                position: Position { commit: 1, lsn: 1 },
+                rows: Arc::new([]),
+            },
+        };
+        state.start(&stored, true);
+        state
+    }
+
+    fn held(state: &AggregateState<ProductSales>) -> Vec<i64> {
+        let mut keys: Vec<i64> = state.partitions[&0].rows.keys().copied().collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    #[test]
+    fn eviction_drops_the_written_rows_least_recently_touched() {
+        let mut state = streaming();
+        for product in 1..=100 {
+            let change = sold(product);
+            assert_eq!(
+                state.missing(0, [(product, streamed(product), &change)]),
+                [product]
+            );
+            state.load_rows(0, []);
+            state
+                .apply(0, product, streamed(product), &sold(product))
+                .unwrap();
+        }
+        let rows = state.dirty_rows();
+        assert_eq!(rows.len(), 100);
+        state.mark_flushed(&rows);
+        assert!(state.dirty_rows().is_empty());
+        // Product 5 is touched again: the most recent, and not yet written.
+        state.apply(0, 101, streamed(101), &sold(5)).unwrap();
+        assert_eq!(state.dirty_rows().len(), 1);
+
+        assert_eq!(state.evict(100), 0, "at the limit, nothing goes");
+        // Over 40: down to 30, the 70 written rows touched longest ago go.
+        assert_eq!(state.evict(40), 70);
+        let mut kept: Vec<i64> = (72..=100).collect();
+        kept.insert(0, 5);
+        assert_eq!(held(&state), kept);
+        assert_eq!(state.dirty_rows()[0].key, 5);
+
+        // An evicted key is missing again; read back, it is guarded by its
+        // stored offset and goes on from its stored value.
+        let (three, eighty) = (sold(3), sold(80));
+        let touched = [(103, streamed(103), &three), (104, streamed(104), &eighty)];
+        assert_eq!(state.missing(0, touched), [3]);
+        let stored = StoredRow {
+            key: 3,
+            partition: 0,
+            value: SalesTotals {
+                units: 1,
+                revenue: Decimal::new(250, 2),
+                lines: 1,
+            },
+            offset: 3,
+            mark: SourceMark::default(),
+        };
+        state.load_rows(0, [stored]);
+        let replayed = state.apply(0, 3, streamed(3), &sold(3));
+        // The source guard knows this one as sent before (its position).
+        assert!(replayed.unwrap().redelivered);
+        state.apply(0, 102, streamed(102), &sold(3)).unwrap();
+        assert_eq!(state.totals()[&3].units, 2);
+    }
+
+    #[test]
+    fn a_partition_that_started_empty_reads_back_only_what_it_evicted() {
+        let mut state = AggregateState::<ProductSales>::default();
+        for product in 1..=100 {
+            state
+                .apply(0, product, streamed(product), &sold(product))
+                .unwrap();
+        }
+        let rows = state.dirty_rows();
+        state.mark_flushed(&rows);
+        assert_eq!(state.evict(40), 70);
+        // Products 1 to 70 went; 500 was never seen, so it is stored nowhere.
+        let (gone, new) = (sold(3), sold(500));
+        let touched = [(101, streamed(101), &gone), (102, streamed(102), &new)];
+        assert_eq!(state.missing(0, touched), [3]);
+    }
+
+    #[test]
+    fn a_partition_in_its_snapshot_is_held_whole() {
+        let mut state = AggregateState::<ProductSales>::default();
+        for product in 1..=100 {
+            let order_line = sold(product);
+            state.apply(0, product, snapshot(), &order_line).unwrap();
+        }
+        let rows = state.dirty_rows();
+        state.mark_flushed(&rows);
+        // A snapshot taken again would replace every row: none may go.
+        assert_eq!(state.evict(10), 0);
+        assert_eq!(state.len(), 100);
+        let other = sold(500);
+        assert!(state.missing(0, [(101, snapshot(), &other)]).is_empty());
+    }
+
+    #[test]
+    fn a_row_changed_during_its_flush_stays_dirty() {
+        let mut state = streaming();
+        state.load_rows(0, []);
+        state.apply(0, 1, streamed(1), &sold(1)).unwrap();
+        state.apply(0, 2, streamed(2), &sold(2)).unwrap();
+        let in_flight = state.dirty_rows();
+        state.apply(0, 3, streamed(3), &sold(2)).unwrap();
+        state.mark_flushed(&in_flight);
+        let dirty = state.dirty_rows();
+        assert_eq!(dirty.len(), 1);
+        assert_eq!(
+            (dirty[0].key, dirty[0].offset, dirty[0].value.units),
+            (2, 3, 2)
+        );
+        state.mark_flushed(&dirty);
+        assert!(state.dirty_rows().is_empty());
+        assert_eq!(
+            state.partition_mark(0).map(|m| (m.offset, m.mark.position)),
+            Some((
+                3,
+                Position {
+                    commit: 13,
+                    lsn: 13
+                }
+            ))
+        );
+    }
 
     #[test]
     fn a_stamp_keeps_the_offset_and_the_flag_apart() {

@@ -4,6 +4,7 @@
 //! Money travels as Decimal(18,2), i.e. an i64 of cents; minutes as DateTime,
 //! i.e. u32 seconds. Both conversions refuse values they would change.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use ::clickhouse::{Client, Row, RowOwned, RowRead, RowWrite};
@@ -11,8 +12,8 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{
-    Aggregate, CustomerTotals, CustomersByMinute, OrderTotals, OrdersByMinute, ProductInfo,
-    ProductSales, Products, SalesTotals, SourceMark, StoredRow,
+    Aggregate, CustomerTotals, CustomersByMinute, OrderTotals, OrdersByMinute, PartitionMark,
+    ProductInfo, ProductSales, Products, SalesTotals, SourceMark, StoredRow,
 };
 use crate::cdc::{Minute, Position, SnapshotId};
 use crate::config::{ClickHouseConfig, Validation};
@@ -58,7 +59,21 @@ pub trait SinkTable: Aggregate {
     type Row: RowOwned + RowRead + RowWrite + Serialize + for<'de> Deserialize<'de> + Send + Sync;
     fn to_row(row: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError>;
     fn from_row(row: Self::Row) -> Result<StoredRow<Self::Key, Self::Value>, SinkError>;
+    /// The key's columns, those the table is ordered by first.
+    const KEY_COLUMNS: &'static str;
+    /// A key's values for those columns, as SQL.
+    fn key_values(key: &Self::Key) -> Result<String, SinkError>;
 }
+
+/// Keys per read by key: a minute and a status take ~30 bytes of SQL, so
+/// this stays far below ClickHouse's default max_query_size (256 KiB).
+const KEYS_PER_READ: usize = 2_000;
+
+/// One stored row of aggregate `A`.
+type StoredOf<A> = StoredRow<<A as Aggregate>::Key, <A as Aggregate>::Value>;
+
+/// The table of every aggregate's [`PartitionMark`]s.
+pub const MARKS_TABLE: &str = "source_marks";
 
 /// The analytics schema (init/clickhouse), the one the compose stack and the
 /// native stack apply at start-up.
@@ -249,19 +264,32 @@ impl ClickHouseSink {
         Ok(added)
     }
 
-    /// Inserts `rows` in one INSERT.
+    /// Inserts `rows` in one INSERT, then, once they are stored, `marks` in
+    /// another: a mark never claims more than the rows hold. Both inserts
+    /// may be repeated whole.
     pub async fn write<A: SinkTable>(
         &self,
         rows: &[StoredRow<A::Key, A::Value>],
+        marks: &[PartitionMark],
+    ) -> Result<(), SinkError> {
+        // Convert first: a value that cannot be stored fails before any I/O.
+        let rows: Vec<A::Row> = rows.iter().map(A::to_row).collect::<Result<_, _>>()?;
+        let marks: Vec<MarkRow> = marks.iter().map(MarkRow::of::<A>).collect();
+        self.insert(A::NAME, &rows).await?;
+        self.insert(MARKS_TABLE, &marks).await
+    }
+
+    async fn insert<R: RowOwned + RowWrite + Serialize>(
+        &self,
+        table: &str,
+        rows: &[R],
     ) -> Result<(), SinkError> {
         if rows.is_empty() {
             return Ok(());
         }
-        // Convert first: a value that cannot be stored fails before any I/O.
-        let rows: Vec<A::Row> = rows.iter().map(A::to_row).collect::<Result<_, _>>()?;
         within(async {
-            let mut insert = self.client.insert::<A::Row>(A::NAME).await?;
-            for row in &rows {
+            let mut insert = self.client.insert::<R>(table).await?;
+            for row in rows {
                 insert.write(row).await?;
             }
             insert.end().await?;
@@ -279,19 +307,88 @@ impl ClickHouseSink {
             return Ok(Vec::new());
         }
         // One query for a whole assignment, not one per partition.
+        let condition = format!("source_partition IN ({})", sql_list(partitions));
+        self.load_where::<A>("FINAL", &condition).await
+    }
+
+    /// The latest row of each (partition, key) of `keys` that is stored: one
+    /// read for all of them (in chunks), along the tables' order (the key
+    /// first, then the partition).
+    pub async fn load_keys<A: SinkTable>(
+        &self,
+        keys: &[(i32, A::Key)],
+    ) -> Result<Vec<StoredRow<A::Key, A::Value>>, SinkError> {
+        // Without FINAL, which on ClickHouse 18.16 costs several times the
+        // read itself (10 keys: 90 ms against 16): every version of a row
+        // comes back, and the highest offset wins here, as FINAL picks it.
+        let mut latest: HashMap<(A::Key, i32), StoredOf<A>> = HashMap::new();
+        // A query's text is bounded (max_query_size, 256 KiB by default).
+        for keys in keys.chunks(KEYS_PER_READ) {
+            let tuples: Vec<String> = keys
+                .iter()
+                .map(|(p, key)| {
+                    Ok(format!(
+                        "({}, {})",
+                        A::key_values(key)?,
+                        partition_to_u32(*p)
+                    ))
+                })
+                .collect::<Result<_, SinkError>>()?;
+            let condition = format!(
+                "({}, source_partition) IN ({})",
+                A::KEY_COLUMNS,
+                tuples.join(", ")
+            );
+            for row in self.load_where::<A>("", &condition).await? {
+                let at = (row.key.clone(), row.partition);
+                match latest.get(&at) {
+                    Some(kept) if kept.offset >= row.offset => {}
+                    _ => {
+                        latest.insert(at, row);
+                    }
+                }
+            }
+        }
+        Ok(latest.into_values().collect())
+    }
+
+    /// The rows of table `A` (`modifier`: FINAL, or every version) that
+    /// meet `condition`.
+    async fn load_where<A: SinkTable>(
+        &self,
+        modifier: &str,
+        condition: &str,
+    ) -> Result<Vec<StoredRow<A::Key, A::Value>>, SinkError> {
         let sql = format!(
-            "SELECT ?fields FROM {} FINAL WHERE source_partition IN ({})",
-            A::NAME,
-            sql_list(partitions)
+            "SELECT ?fields FROM {} {modifier} WHERE {condition}",
+            A::NAME
         );
         let query = self.client.query(&sql);
         let rows: Vec<A::Row> = within(async { Ok(query.fetch_all().await?) }).await?;
         rows.into_iter().map(A::from_row).collect()
     }
 
+    /// The mark stored of each of `partitions` for aggregate `A` (those
+    /// never flushed are left out).
+    pub async fn load_marks<A: SinkTable>(
+        &self,
+        partitions: &[i32],
+    ) -> Result<Vec<PartitionMark>, SinkError> {
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT ?fields FROM {MARKS_TABLE} FINAL WHERE aggregate = ? AND source_partition IN ({})",
+            sql_list(partitions)
+        );
+        let query = self.client.query(&sql).bind(A::NAME);
+        let rows: Vec<MarkRow> = within(async { Ok(query.fetch_all().await?) }).await?;
+        Ok(rows.into_iter().map(MarkRow::into_mark).collect())
+    }
+
     /// The highest source offset stored from each of `partitions` (those
-    /// with no row are left out): how far into each partition's log this
-    /// aggregate has already counted.
+    /// with no row are left out), counting every row ever written: a scan of
+    /// the table, for `rebuild`'s check that no processor writes meanwhile.
     pub async fn highest_offsets<A: SinkTable>(
         &self,
         partitions: &[i32],
@@ -318,6 +415,169 @@ impl ClickHouseSink {
             .map(|h| (h.partition as i32, h.offset as i64))
             .collect())
     }
+
+    /// Creates the marks table in database `db` if it is missing (tables
+    /// created by a release before it).
+    pub async fn create_marks_table(&self, db: &str) -> Result<(), SinkError> {
+        let create = format!("CREATE TABLE IF NOT EXISTS {db}.{MARKS_TABLE}");
+        for statement in analytics_ddl(db) {
+            if statement.starts_with(&create) {
+                self.client.query(&statement).execute().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// For an aggregate whose table has rows but no marks (written by a
+    /// release before the marks table), computes them from its rows, once,
+    /// with a scan of the rows' mark columns. Returns how many partitions'
+    /// marks it wrote (None: there was nothing to do).
+    pub async fn fill_in_marks<A: SinkTable>(&self) -> Result<Option<usize>, SinkError> {
+        let marked: u64 = self
+            .client
+            .query(&format!(
+                "SELECT count() FROM {MARKS_TABLE} WHERE aggregate = ?"
+            ))
+            .bind(A::NAME)
+            .fetch_one()
+            .await?;
+        if marked > 0 || self.count_rows(A::NAME).await? == 0 {
+            return Ok(None);
+        }
+        let marks = if A::KEEPS_STORED_ROWS {
+            self.marks_from_rows::<A>().await?
+        } else {
+            self.highest_offsets::<A>(&self.partitions_of(A::NAME).await?)
+                .await?
+                .into_iter()
+                .map(|(partition, offset)| PartitionMark {
+                    partition,
+                    offset,
+                    mark: SourceMark::default(),
+                })
+                .collect()
+        };
+        self.insert(
+            MARKS_TABLE,
+            &marks.iter().map(MarkRow::of::<A>).collect::<Vec<_>>(),
+        )
+        .await?;
+        Ok(Some(marks.len()))
+    }
+
+    async fn partitions_of(&self, table: &str) -> Result<Vec<i32>, SinkError> {
+        let sql = format!("SELECT DISTINCT source_partition FROM {table}");
+        let query = self.client.query(&sql);
+        let partitions: Vec<u32> = within(async { Ok(query.fetch_all().await?) }).await?;
+        Ok(partitions.into_iter().map(|p| p as i32).collect())
+    }
+
+    /// Each partition's mark as loading all of its rows made it: the highest
+    /// offset of any row, and the greatest mark of any row, with the source
+    /// rows of every row at exactly that mark (the rows' marks only grow from
+    /// flush to flush).
+    async fn marks_from_rows<A: SinkTable>(&self) -> Result<Vec<PartitionMark>, SinkError> {
+        #[derive(Row, Deserialize)]
+        struct Greatest {
+            partition: u32,
+            offset: u64,
+            greatest: (u64, i64, u64, u64),
+        }
+        let sql = format!(
+            "SELECT source_partition AS partition, max(source_offset) AS offset, \
+             max((source_snapshot, source_snapshot_ms, source_commit, source_lsn)) AS greatest \
+             FROM {} GROUP BY source_partition",
+            A::NAME
+        );
+        let query = self.client.query(&sql);
+        let greatest: Vec<Greatest> = within(async { Ok(query.fetch_all().await?) }).await?;
+        let mut marks = Vec::new();
+        for g in greatest {
+            #[derive(Row, Deserialize)]
+            struct AtMark {
+                snapshot_offset: u64,
+                rows: Vec<i64>,
+            }
+            let (snapshot, snapshot_ms, commit, lsn) = g.greatest;
+            let sql = format!(
+                "SELECT max(source_snapshot_offset) AS snapshot_offset, \
+                 groupUniqArrayArray(source_rows) AS rows FROM {} WHERE source_partition = {} \
+                 AND source_snapshot = {snapshot} AND source_snapshot_ms = {snapshot_ms} \
+                 AND source_commit = {commit} AND source_lsn = {lsn}",
+                A::NAME,
+                g.partition
+            );
+            let query = self.client.query(&sql);
+            let at: AtMark = within(async { Ok(query.fetch_one().await?) }).await?;
+            marks.push(PartitionMark {
+                partition: g.partition as i32,
+                offset: g.offset as i64,
+                mark: mark_of(
+                    (snapshot, snapshot_ms),
+                    at.snapshot_offset,
+                    (commit, lsn),
+                    at.rows,
+                ),
+            });
+        }
+        Ok(marks)
+    }
+}
+
+/// One row of the marks table.
+#[derive(Debug, Row, Serialize, Deserialize)]
+struct MarkRow {
+    aggregate: String,
+    source_partition: u32,
+    source_offset: u64,
+    source_snapshot: u64,
+    source_snapshot_ms: i64,
+    source_snapshot_offset: u64,
+    source_commit: u64,
+    source_lsn: u64,
+    source_rows: Vec<i64>,
+}
+
+impl MarkRow {
+    fn of<A: Aggregate>(m: &PartitionMark) -> MarkRow {
+        let (
+            source_snapshot,
+            source_snapshot_ms,
+            source_snapshot_offset,
+            source_commit,
+            source_lsn,
+            source_rows,
+        ) = mark_columns(&m.mark);
+        MarkRow {
+            aggregate: A::NAME.to_owned(),
+            source_partition: partition_to_u32(m.partition),
+            source_offset: offset_to_u64(m.offset),
+            source_snapshot,
+            source_snapshot_ms,
+            source_snapshot_offset,
+            source_commit,
+            source_lsn,
+            source_rows,
+        }
+    }
+
+    fn into_mark(self) -> PartitionMark {
+        PartitionMark {
+            partition: self.source_partition as i32,
+            offset: self.source_offset as i64,
+            mark: mark_of(
+                (self.source_snapshot, self.source_snapshot_ms),
+                self.source_snapshot_offset,
+                (self.source_commit, self.source_lsn),
+                self.source_rows,
+            ),
+        }
+    }
+}
+
+/// A string as an SQL literal.
+fn sql_string(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// Partition numbers for an SQL `IN (...)`: integers, so they go into the
@@ -422,6 +682,14 @@ pub struct OrdersByMinuteRow {
 
 impl SinkTable for OrdersByMinute {
     type Row = OrdersByMinuteRow;
+    const KEY_COLUMNS: &'static str = "minute, status";
+    fn key_values((minute, status): &Self::Key) -> Result<String, SinkError> {
+        Ok(format!(
+            "{}, {}",
+            minute_to_datetime(Self::NAME, *minute)?,
+            sql_string(status)
+        ))
+    }
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
         let (
             source_snapshot,
@@ -483,6 +751,10 @@ pub struct ProductSalesRow {
 
 impl SinkTable for ProductSales {
     type Row = ProductSalesRow;
+    const KEY_COLUMNS: &'static str = "product_id";
+    fn key_values(product: &Self::Key) -> Result<String, SinkError> {
+        Ok(product.to_string())
+    }
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
         let (
             source_snapshot,
@@ -543,6 +815,10 @@ pub struct CustomersByMinuteRow {
 
 impl SinkTable for CustomersByMinute {
     type Row = CustomersByMinuteRow;
+    const KEY_COLUMNS: &'static str = "minute";
+    fn key_values(minute: &Self::Key) -> Result<String, SinkError> {
+        Ok(minute_to_datetime(Self::NAME, *minute)?.to_string())
+    }
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
         let (
             source_snapshot,
@@ -596,6 +872,10 @@ pub struct ProductRow {
 
 impl SinkTable for Products {
     type Row = ProductRow;
+    const KEY_COLUMNS: &'static str = "product_id";
+    fn key_values(product: &Self::Key) -> Result<String, SinkError> {
+        Ok(product.to_string())
+    }
     fn to_row(r: &StoredRow<Self::Key, Self::Value>) -> Result<Self::Row, SinkError> {
         Ok(ProductRow {
             product_id: r.key,
@@ -651,7 +931,10 @@ mod tests {
     fn the_schema_file_lists_every_column_of_every_table() {
         let tables = analytics_columns();
         let names: Vec<&str> = tables.iter().map(|(t, _)| t.as_str()).collect();
-        assert_eq!(names, crate::registry::names());
+        // Every aggregate's table, in the registry's order, then the marks.
+        let mut expected = crate::registry::names();
+        expected.push(MARKS_TABLE);
+        assert_eq!(names, expected);
         let (_, product_sales) = &tables[1];
         assert_eq!(
             product_sales

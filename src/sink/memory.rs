@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::store::{Rows, Store};
 use super::{SinkError, SinkTable};
-use crate::aggregate::{Aggregate, StoredRow};
+use crate::aggregate::{Aggregate, PartitionMark, StoredRow};
 
 /// Cheap to clone: every clone is the same store, writing through the
 /// same gate. [`MemoryStore::another_writer`] shares the tables with a gate
@@ -29,6 +29,8 @@ struct Gate {
     loads: Switch,
     /// Writes stored through the gate.
     stored: AtomicUsize,
+    /// Reads of rows by key through the gate.
+    key_reads: AtomicUsize,
 }
 
 /// What a test holds to make one kind of call wait.
@@ -74,16 +76,18 @@ impl Switch {
 type Row<A> = StoredRow<<A as Aggregate>::Key, <A as Aggregate>::Value>;
 
 /// One aggregate's rows as FINAL reads them: the highest offset of each
-/// (key, partition). The highest offset ever written to a partition is
-/// the highest among them, since each key keeps its highest.
+/// (key, partition), and its marks the same way.
 struct Table<A: Aggregate> {
     rows: HashMap<(A::Key, i32), Row<A>>,
+    /// The marks table's rows of this aggregate, by partition.
+    marks: HashMap<i32, PartitionMark>,
 }
 
 impl<A: Aggregate> Default for Table<A> {
     fn default() -> Self {
         Table {
             rows: HashMap::new(),
+            marks: HashMap::new(),
         }
     }
 }
@@ -120,6 +124,12 @@ impl MemoryStore {
     /// Writes stored through this gate so far.
     pub fn writes(&self) -> usize {
         self.gate.stored.load(Ordering::SeqCst)
+    }
+
+    /// Reads of rows by key through this gate so far (one per batch that
+    /// touched keys not held).
+    pub fn key_reads(&self) -> usize {
+        self.gate.key_reads.load(Ordering::SeqCst)
     }
 
     /// Makes every read of stored state (a partition's rows, its highest
@@ -163,9 +173,10 @@ impl Store for MemoryStore {
     async fn write<A: SinkTable>(
         &self,
         rows: &[StoredRow<A::Key, A::Value>],
+        marks: &[PartitionMark],
     ) -> Result<(), SinkError> {
         // As ClickHouseSink does: nothing to insert is no insert.
-        if rows.is_empty() {
+        if rows.is_empty() && marks.is_empty() {
             return Ok(());
         }
         self.gate.writes.passed().await;
@@ -186,8 +197,29 @@ impl Store for MemoryStore {
                 }
             }
         }
+        for mark in marks {
+            match table.marks.get(&mark.partition) {
+                Some(stored) if stored.offset > mark.offset => {}
+                _ => {
+                    table.marks.insert(mark.partition, mark.clone());
+                }
+            }
+        }
         self.gate.stored.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    async fn load_marks<A: SinkTable>(
+        &self,
+        partitions: &[i32],
+    ) -> Result<Vec<PartitionMark>, SinkError> {
+        self.gate.loads.passed().await;
+        let mut tables = self.tables();
+        let table = Self::table::<A>(&mut tables);
+        Ok(partitions
+            .iter()
+            .filter_map(|p| table.marks.get(p).cloned())
+            .collect())
     }
 
     async fn load_partitions<A: SinkTable>(
@@ -205,20 +237,14 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn highest_offsets<A: SinkTable>(
-        &self,
-        partitions: &[i32],
-    ) -> Result<Vec<(i32, i64)>, SinkError> {
+    async fn load_keys<A: SinkTable>(&self, keys: &[(i32, A::Key)]) -> Result<Rows<A>, SinkError> {
         self.gate.loads.passed().await;
+        self.gate.key_reads.fetch_add(1, Ordering::SeqCst);
         let mut tables = self.tables();
         let table = Self::table::<A>(&mut tables);
-        let mut highest: HashMap<i32, i64> = HashMap::new();
-        for row in table.rows.values() {
-            if partitions.contains(&row.partition) {
-                let offset = highest.entry(row.partition).or_insert(row.offset);
-                *offset = (*offset).max(row.offset);
-            }
-        }
-        Ok(highest.into_iter().collect())
+        Ok(keys
+            .iter()
+            .filter_map(|(partition, key)| table.rows.get(&(key.clone(), *partition)).cloned())
+            .collect())
     }
 }

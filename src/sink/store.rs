@@ -5,7 +5,7 @@
 use std::future::Future;
 
 use super::{ClickHouseSink, SinkError, SinkTable};
-use crate::aggregate::StoredRow;
+use crate::aggregate::{PartitionMark, StoredRow};
 
 /// The rows one aggregate writes and reads back.
 pub type Rows<A> = Vec<
@@ -15,13 +15,22 @@ pub type Rows<A> = Vec<
 /// An aggregate store with ClickHouse's semantics: a table per aggregate,
 /// each row keyed by (aggregate key, source partition), and of the rows
 /// of one key the one with the highest source offset is the one that
-/// counts.
+/// counts; and beside them each partition's [`PartitionMark`], of which the
+/// highest offset counts.
 pub trait Store: Clone + Send + Sync + Unpin + 'static {
-    /// Inserts `rows` in one write: all of them, or none.
+    /// Inserts `rows` in one write (all of them, or none), then, once they
+    /// are stored, `marks`: a mark never claims more than the rows hold.
     fn write<A: SinkTable>(
         &self,
         rows: &[StoredRow<A::Key, A::Value>],
+        marks: &[PartitionMark],
     ) -> impl Future<Output = Result<(), SinkError>>;
+
+    /// The mark of each of `partitions` (those never written are left out).
+    fn load_marks<A: SinkTable>(
+        &self,
+        partitions: &[i32],
+    ) -> impl Future<Output = Result<Vec<PartitionMark>, SinkError>>;
 
     /// The row that counts of every key of `partitions`.
     fn load_partitions<A: SinkTable>(
@@ -29,20 +38,28 @@ pub trait Store: Clone + Send + Sync + Unpin + 'static {
         partitions: &[i32],
     ) -> impl Future<Output = Result<Rows<A>, SinkError>>;
 
-    /// The highest source offset stored from each of `partitions` (those
-    /// with no row are left out), counting every row ever written.
-    fn highest_offsets<A: SinkTable>(
+    /// The row that counts of each (partition, key) of `keys`, in one read
+    /// (keys never written are left out).
+    fn load_keys<A: SinkTable>(
         &self,
-        partitions: &[i32],
-    ) -> impl Future<Output = Result<Vec<(i32, i64)>, SinkError>>;
+        keys: &[(i32, A::Key)],
+    ) -> impl Future<Output = Result<Rows<A>, SinkError>>;
 }
 
 impl Store for ClickHouseSink {
     fn write<A: SinkTable>(
         &self,
         rows: &[StoredRow<A::Key, A::Value>],
+        marks: &[PartitionMark],
     ) -> impl Future<Output = Result<(), SinkError>> {
-        ClickHouseSink::write::<A>(self, rows)
+        ClickHouseSink::write::<A>(self, rows, marks)
+    }
+
+    fn load_marks<A: SinkTable>(
+        &self,
+        partitions: &[i32],
+    ) -> impl Future<Output = Result<Vec<PartitionMark>, SinkError>> {
+        ClickHouseSink::load_marks::<A>(self, partitions)
     }
 
     fn load_partitions<A: SinkTable>(
@@ -52,10 +69,10 @@ impl Store for ClickHouseSink {
         ClickHouseSink::load_partitions::<A>(self, partitions)
     }
 
-    fn highest_offsets<A: SinkTable>(
+    fn load_keys<A: SinkTable>(
         &self,
-        partitions: &[i32],
-    ) -> impl Future<Output = Result<Vec<(i32, i64)>, SinkError>> {
-        ClickHouseSink::highest_offsets::<A>(self, partitions)
+        keys: &[(i32, A::Key)],
+    ) -> impl Future<Output = Result<Rows<A>, SinkError>> {
+        ClickHouseSink::load_keys::<A>(self, keys)
     }
 }

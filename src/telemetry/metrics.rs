@@ -148,6 +148,27 @@ fn observe_counters(meter: &Meter) {
     );
     counter_from_map!(
         meter,
+        "etl_key_reads",
+        "Reads of rows by key from ClickHouse, for events that touched keys not held in memory",
+        key_reads,
+        |aggregate: &&'static str| vec![KeyValue::new("aggregate", *aggregate)]
+    );
+    counter_from_map!(
+        meter,
+        "etl_rows_read_back",
+        "Aggregate rows read back from ClickHouse by key",
+        rows_read_back,
+        |aggregate: &&'static str| vec![KeyValue::new("aggregate", *aggregate)]
+    );
+    counter_from_map!(
+        meter,
+        "etl_rows_evicted",
+        "Written aggregate rows dropped from memory to keep under ETL_STATE_MAX_ROWS",
+        rows_evicted,
+        |aggregate: &&'static str| vec![KeyValue::new("aggregate", *aggregate)]
+    );
+    counter_from_map!(
+        meter,
         "etl_dead_letters",
         "Events sent to the dead-letter topic, by reason",
         dead_letters,
@@ -270,6 +291,19 @@ fn observe_gauges(meter: &Meter) {
                 observer.observe(
                     e.value().load(Ordering::Relaxed),
                     &[KeyValue::new("actor", e.key().clone())],
+                );
+            }
+        })
+        .build();
+    meter
+        .i64_observable_gauge("etl_rows_held")
+        .with_unit("{row}")
+        .with_description("Aggregate rows held in memory, as of the aggregate's last flush")
+        .with_callback(|observer| {
+            for e in counters().rows_held.iter() {
+                observer.observe(
+                    e.value().load(Ordering::Relaxed),
+                    &[KeyValue::new("aggregate", *e.key())],
                 );
             }
         })

@@ -46,6 +46,15 @@ pub struct Counters {
     pub rows_flushed: DashMap<&'static str, AtomicU64>,
     /// Insert attempts that failed and were retried, by aggregate.
     pub insert_retries: DashMap<&'static str, AtomicU64>,
+    /// Reads of rows by key (events touched keys not held), by aggregate.
+    pub key_reads: DashMap<&'static str, AtomicU64>,
+    /// Rows read back by those reads, by aggregate.
+    pub rows_read_back: DashMap<&'static str, AtomicU64>,
+    /// Written rows dropped from memory to keep under ETL_STATE_MAX_ROWS,
+    /// by aggregate.
+    pub rows_evicted: DashMap<&'static str, AtomicU64>,
+    /// Rows each aggregate holds in memory, as of its last flush.
+    pub rows_held: DashMap<&'static str, AtomicI64>,
     /// Times the consumer paused its partitions for backpressure.
     pub pauses: AtomicU64,
     /// Partitions whose revoke began (a rebalance taking them away).
@@ -156,6 +165,22 @@ pub fn rewind(topic: &str) {
 
 pub fn flushed(aggregate: &'static str, rows: u64) {
     bump(&counters().rows_flushed, aggregate, rows);
+}
+
+/// A read of rows by key: `rows` of them were stored.
+pub fn read_back(aggregate: &'static str, rows: u64) {
+    bump(&counters().key_reads, aggregate, 1);
+    bump(&counters().rows_read_back, aggregate, rows);
+}
+
+/// After a flush: the rows dropped from memory, and those still held.
+pub fn state_size(aggregate: &'static str, evicted: u64, held: usize) {
+    bump(&counters().rows_evicted, aggregate, evicted);
+    counters()
+        .rows_held
+        .entry(aggregate)
+        .or_default()
+        .store(held as i64, Ordering::Relaxed);
 }
 
 pub fn insert_retry(aggregate: &'static str) {

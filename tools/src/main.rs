@@ -57,6 +57,11 @@ enum BenchCommand {
     /// Resident memory of one processor with many live keys, and while
     /// ClickHouse is unreachable (mock cluster; ETL_CLICKHOUSE_URL behind a relay).
     Memory(bench::memory::MemoryArgs),
+    /// Restart time, memory and events/s of one processor in front of a
+    /// year of stored aggregates (written into ETL_CLICKHOUSE_URL), against
+    /// an empty history, and a burst of late events in old minutes (mock
+    /// cluster).
+    History(bench::history::HistoryArgs),
 }
 
 fn main() -> ExitCode {
@@ -86,6 +91,8 @@ fn run_bench(bench: BenchCommand, config: &Config) -> anyhow::Result<ExitCode> {
         BenchCommand::Core(args) => drop(bench::core::run(args)?),
         BenchCommand::Pipeline(args) => drop(bench::pipeline::run(args, config)?),
         BenchCommand::Memory(args) => drop(bench::memory::run(args, config)?),
+        // Its goals are the point of it: printed here, not in `all`'s list twice.
+        BenchCommand::History(args) => bench::print_verdicts(&bench::history::run(args, config)?),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -23,8 +23,10 @@ use std::time::{Duration, Instant};
 
 use super::synthetic::{Generator, Message, Schemas, Spec};
 use super::{load_average, median, print_table, thousands, Progress, Verdict};
-use etl::cdc::{self, Decoded};
+use etl::aggregate::{AggregateState, ProductSales};
+use etl::cdc::{self, Change, Decoded, Op, OrderItem, Origin, Position, TableChange};
 use etl::replay::AllAggregates;
+use rust_decimal::Decimal;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -552,11 +554,91 @@ pub fn run(args: Args) -> anyhow::Result<Vec<Verdict>> {
             ));
         }
     }
+    verdicts.push(flush_cost());
     println!(
         "cores: {}; load average before {load_before}, after {load_after}",
         super::cores()
     );
     Ok(verdicts)
+}
+
+/// Rows changed between two flushes in [`flush_cost`].
+const CHANGED: i64 = 1_000;
+
+/// A flush's own work (taking the changed rows, then marking them written)
+/// for [`CHANGED`] rows changed, with 10,000 and with 1,000,000 rows held:
+/// it should follow the rows changed, not the rows held.
+fn flush_cost() -> Verdict {
+    let took = |held: i64| {
+        let mut state = AggregateState::<ProductSales>::default();
+        for product in 0..held {
+            let change = sold(product);
+            state
+                .apply(0, product, Origin::Stream(at(product)), &change)
+                .expect("applies");
+        }
+        let rows = state.dirty_rows();
+        state.mark_flushed(&rows);
+        let mut times = Vec::new();
+        for round in 0..5 {
+            for i in 0..CHANGED {
+                let offset = held + round * CHANGED + i;
+                let change = sold(i * (held / CHANGED));
+                state
+                    .apply(0, offset, Origin::Stream(at(offset)), &change)
+                    .expect("applies");
+            }
+            let started = Instant::now();
+            let rows = black_box(state.dirty_rows());
+            state.mark_flushed(&rows);
+            times.push(started.elapsed().as_secs_f64());
+            assert_eq!(rows.len() as i64, CHANGED);
+        }
+        median(&times)
+    };
+    let (small, large) = (took(10_000), took(1_000_000));
+    let ratio = large / small;
+    print_table(
+        &["rows held", "flush of 1,000 changed rows", "vs 10,000 held"],
+        &[
+            vec![
+                "10,000".into(),
+                format!("{:.0} µs", small * 1e6),
+                "1.00".into(),
+            ],
+            vec![
+                "1,000,000".into(),
+                format!("{:.0} µs", large * 1e6),
+                format!("{ratio:.2}"),
+            ],
+        ],
+    );
+    Verdict::new(
+        "core: a flush costs what changed: 1M rows held within 2x of 10k",
+        format!("{ratio:.2}x"),
+        Some(ratio <= 2.0),
+    )
+}
+
+/// An order line selling one unit of `product`.
+fn sold(product: i64) -> TableChange {
+    TableChange::OrderItem(Change {
+        op: Op::Create,
+        before: None,
+        after: Some(OrderItem {
+            id: product,
+            product_id: product,
+            quantity: 1,
+            unit_price: Decimal::new(250, 2),
+        }),
+    })
+}
+
+fn at(offset: i64) -> Position {
+    Position {
+        commit: 1 + offset as u64,
+        lsn: 1 + offset as u64,
+    }
 }
 
 #[cfg(test)]

@@ -45,7 +45,7 @@ const GOAL_BYTES: u64 = 256 * 1024 * 1024;
 const FLAT_BYTES: u64 = 16 * 1024 * 1024;
 
 /// (VmRSS, VmHWM) of `pid`, in bytes.
-fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
+pub(super) fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> anyhow::Result<u64> {
         let line = status
@@ -62,7 +62,7 @@ fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-fn mib(bytes: u64) -> String {
+pub(super) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
@@ -351,7 +351,7 @@ async fn live_keys(config: &Config, db: &str) -> anyhow::Result<LiveKeys> {
 }
 
 /// Both preloads, as one (per-partition counts add up).
-fn merged(a: &Produced, b: &Produced) -> Produced {
+pub(super) fn merged(a: &Produced, b: &Produced) -> Produced {
     let mut both = a.clone();
     both.messages += b.messages;
     both.bytes += b.bytes;

@@ -13,6 +13,8 @@
 //!   load, through the real stack (`etl-tools bench freshness`).
 //! - [`memory`]: resident memory with 1,000,000 live keys and while
 //!   ClickHouse is down (cut by the [`outage`] relay) (`bench memory`).
+//! - [`history`]: restart time, memory and rates in front of a year of
+//!   stored aggregates, against an empty history (`bench history`).
 //!
 //! Each bench prints a progress line to stderr about once a second
 //! ([`Progress`]) and its figures as a small aligned table to stdout
@@ -21,6 +23,7 @@
 
 pub mod core;
 pub mod freshness;
+pub mod history;
 pub mod memory;
 pub mod outage;
 pub mod pipeline;
@@ -115,6 +118,20 @@ pub fn all(args: &AllArgs, config: &Config) -> anyhow::Result<Vec<Verdict>> {
             "8",
             "--outage-secs",
             "3",
+        ])),
+        config,
+    )?);
+    section("history");
+    verdicts.extend(history::run(
+        parsed(&sizes(&[
+            "--months",
+            "1",
+            "--events",
+            "20000",
+            "--steady-events",
+            "20000",
+            "--late-events",
+            "5000",
         ])),
         config,
     )?);
@@ -295,6 +312,19 @@ mod tests {
         assert_eq!((core.events, core.repeats, core.keys), (20_000, 3, 10_000));
         let pipeline: pipeline::Args = parsed(&["--instances", "1"]);
         assert_eq!((pipeline.instances, pipeline.events), (vec![1], 1_000_000));
+        let history: history::HistoryArgs = parsed(&["--months", "1"]);
+        assert_eq!(
+            (
+                history.months,
+                history.events,
+                history.steady_events,
+                history.late_events,
+                history.products,
+                history.timeout_secs,
+                history.processor
+            ),
+            (1, 100_000, 400_000, 40_000, 10_000, 600, None)
+        );
     }
 
     #[test]

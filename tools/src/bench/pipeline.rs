@@ -144,9 +144,9 @@ fn bare_consumer(kafka: &KafkaConfig, total: u64, timeout: Duration) -> anyhow::
 
 /// When a group's committed offsets reached the ends of every partition.
 pub(super) struct Committed {
-    took: Duration,
+    pub(super) took: Duration,
     /// When the first offset was committed (the first flush), from the start.
-    first_commit: Option<Duration>,
+    pub(super) first_commit: Option<Duration>,
 }
 
 /// Polls the group's committed offsets every 100 ms until every partition
@@ -278,9 +278,9 @@ async fn drop_database(config: &Config, db: &str) -> anyhow::Result<()> {
 /// The totals every run must have stored (orders, order lines, units,
 /// product revenue, customers, live products), as text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Totals(Vec<(&'static str, String)>);
+pub(super) struct Totals(Vec<(&'static str, String)>);
 
-fn expected_totals(aggregates: &AllAggregates) -> Totals {
+pub(super) fn expected_totals(aggregates: &AllAggregates) -> Totals {
     let orders: i64 = aggregates
         .orders_by_minute
         .totals()
@@ -308,7 +308,7 @@ fn expected_totals(aggregates: &AllAggregates) -> Totals {
     ])
 }
 
-async fn stored_totals(config: &Config, db: &str) -> anyhow::Result<Totals> {
+pub(super) async fn stored_totals(config: &Config, db: &str) -> anyhow::Result<Totals> {
     let mut db_config = config.clickhouse.clone();
     db_config.database = db.to_owned();
     let sink = ClickHouseSink::connect(&db_config).await?;

@@ -106,6 +106,28 @@ impl Default for Spec {
     }
 }
 
+/// The store's clock: where it starts and how far it moves per order slot.
+/// Kept out of [`Spec`] so that every spec written before it stays valid;
+/// [`Generator::new`] runs on [`Clock::default`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// Microseconds since the Unix epoch (UTC) when the stream begins.
+    pub start_us: i64,
+    /// Each order slot moves the clock forward by `step_us.0` up to (not
+    /// including) `step_us.1` microseconds, drawn like every other choice.
+    pub step_us: (i64, i64),
+}
+
+impl Default for Clock {
+    /// 2024-02-01T09:00:00Z, and 20 to 80 ms per order: a busy store.
+    fn default() -> Clock {
+        Clock {
+            start_us: CLOCK_START_US,
+            step_us: (20_000, 80_000),
+        }
+    }
+}
+
 /// One Kafka message of a table's topic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
@@ -176,6 +198,9 @@ const SNAPSHOT_PRODUCTS: u64 = 20;
 /// Delivered and cancelled orders kept as delete candidates; older ones are
 /// forgotten, so memory stays flat however many events are asked for.
 const FINISHED_KEPT: usize = 10_000;
+/// Where the positions of seed 1 begin: every change's (commit, LSN) lies
+/// above it (higher seeds' further up).
+pub const FIRST_LSN: i64 = 26_497_000;
 /// 2024-02-01T09:00:00Z: where the store's clock starts.
 const CLOCK_START_US: i64 = 1_706_778_000_000_000;
 /// The connector's `source.version`.
@@ -212,6 +237,8 @@ pub struct Generator {
     /// New orders so far: the store's logical time in order slots.
     slot: u64,
     clock_us: i64,
+    /// The clock's step per order slot (see [`Clock`]).
+    step_us: (i64, i64),
     lsn: i64,
     tx_id: i64,
     /// The transaction being written: (commit time ms, first LSN).
@@ -252,7 +279,19 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 
 impl Generator {
     pub fn new(spec: Spec) -> Generator {
+        Generator::with_clock(spec, Clock::default())
+    }
+
+    /// The store of `spec` on another clock, e.g. orders spread over past
+    /// minutes. The step is one draw per order slot whatever its range
+    /// (barring a redraw, at odds below range / 2^64), so the same changes
+    /// come as with [`Generator::new`], at other times.
+    pub fn with_clock(spec: Spec, clock: Clock) -> Generator {
         assert!(spec.partitions > 0, "partitions must be positive");
+        assert!(
+            clock.step_us.0 < clock.step_us.1,
+            "the clock's step must be a non-empty range"
+        );
         assert!(spec.keys > 0, "keys must be positive");
         let topics = Table::ALL.map(|t| Arc::<str>::from(t.topic(&spec.prefix)));
         let (value_schemas, key_schemas) = match spec.schemas {
@@ -277,10 +316,11 @@ impl Generator {
             queue: VecDeque::new(),
             started: false,
             slot: 0,
-            clock_us: CLOCK_START_US,
+            clock_us: clock.start_us,
+            step_us: clock.step_us,
             // Each seed's positions above the earlier seeds' (2^36 of WAL
             // is over a hundred million events).
-            lsn: 26_497_000 + (spec.seed.saturating_sub(1) << 36) as i64,
+            lsn: FIRST_LSN + (spec.seed.saturating_sub(1) << 36) as i64,
             tx_id: 740,
             tx: (0, 0),
             customers: Vec::new(),
@@ -302,6 +342,11 @@ impl Generator {
 
     pub fn spec(&self) -> &Spec {
         &self.spec
+    }
+
+    /// New orders so far (order slots the clock moved through).
+    pub fn orders(&self) -> u64 {
+        self.slot
     }
 
     // ------------------------------------------------------- transactions --
@@ -388,7 +433,7 @@ impl Generator {
     /// One order slot: a new order and whatever else happens meanwhile.
     fn step(&mut self) {
         self.slot += 1;
-        self.clock_us += self.rng.i64(20_000..80_000);
+        self.clock_us += self.rng.i64(self.step_us.0..self.step_us.1);
         if self.rng.f64() < mix::NEW_CUSTOMER {
             self.new_customer();
         }
@@ -1192,6 +1237,16 @@ pub fn produce_with(
     spec: &Spec,
     compression: Compression,
 ) -> anyhow::Result<Produced> {
+    produce_from(brokers, Generator::new(spec.clone()), compression)
+}
+
+/// [`produce_with`] for a generator made some other way (e.g.
+/// [`Generator::with_clock`]), or a part of one.
+pub fn produce_from(
+    brokers: &str,
+    generator: impl IntoIterator<Item = Message>,
+    compression: Compression,
+) -> anyhow::Result<Produced> {
     let producer: BaseProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("acks", "1")
@@ -1211,7 +1266,7 @@ pub fn produce_with(
     let started = Instant::now();
     let mut progress = Progress::new("produce");
     let mut produced = Produced::default();
-    for message in Generator::new(spec.clone()) {
+    for message in generator {
         produced.bytes += (message.key.len() + message.value.as_ref().map_or(0, Vec::len)) as u64;
         *produced
             .per_partition
