@@ -3,7 +3,7 @@
 //! leases, flushes on a time or size bound (or once the source caught up)
 //! through its sink actor, and reports each flush to the coordinator.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -516,33 +516,76 @@ impl<A: SinkTable, S: Store> Handler<ApplyChanges> for AggregatorActor<A, S> {
             return ActorResponse::reply(Err(Refused::StaleLease));
         }
         self.panics.maybe_panic(A::NAME);
-        let touched = batch.changes.iter().map(|(o, origin, c)| (*o, *origin, c));
-        let missing = self.state.missing(batch.partition, touched);
+        let missing = self.missing(&batch, &HashSet::new());
         if missing.is_empty() {
             return ActorResponse::reply(self.apply(batch, ctx));
         }
-        // The rows of the keys not held are read back first; until the batch
-        // is applied this aggregator takes no other message, so batches (and
-        // loads, releases and flushes) keep their order.
         let (reply, replied) = tokio::sync::oneshot::channel();
-        let read = self.read_back(batch.partition, missing, batch.span.clone());
-        ctx.wait(read.into_actor(self).map(move |rows, act, ctx| {
-            let applied = match rows {
-                _ if act.halted => Err(Refused::Halted),
-                Ok(rows) => {
-                    act.state.load_rows(batch.partition, rows);
-                    act.apply(batch, ctx)
-                }
-                Err(e) => {
-                    act.unstorable(&e);
-                    Err(Refused::Halted)
-                }
-            };
-            let _ = reply.send(applied);
-        }));
+        self.read_then_apply(batch, missing, HashSet::new(), reply, ctx);
         ActorResponse::r#async(
             async move { replied.await.unwrap_or(Err(Refused::Halted)) }.into_actor(self),
         )
+    }
+}
+
+impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
+    /// The keys `batch` touches that may be stored but are not held,
+    /// leaving out those `absent` from the store.
+    fn missing(&self, batch: &ApplyChanges, absent: &HashSet<A::Key>) -> Vec<A::Key> {
+        let touched = batch.changes.iter().map(|(o, origin, c)| (*o, *origin, c));
+        let mut missing = self.state.missing(batch.partition, touched);
+        missing.retain(|key| !absent.contains(key));
+        missing
+    }
+
+    /// Reads the rows of `keys` back, then applies `batch` and answers on
+    /// `reply`. Until then this aggregator takes no other message (a
+    /// `ctx.wait`), so batches, loads, releases and flushes keep their order.
+    ///
+    /// Before applying, the batch's keys are checked again: actix polls the
+    /// context's spawned futures once between a handler's `ctx.wait` and the
+    /// wait itself, and a flush that lands there evicts rows, which may be
+    /// keys this batch found held. Those are read too, so a key is never
+    /// counted from zero while its row is stored. `absent`: keys read and
+    /// not stored, which cannot become stored without being held first.
+    fn read_then_apply(
+        &mut self,
+        batch: ApplyChanges,
+        keys: Vec<A::Key>,
+        mut absent: HashSet<A::Key>,
+        reply: tokio::sync::oneshot::Sender<Result<(), Refused>>,
+        ctx: &mut Context<Self>,
+    ) {
+        let read = self.read_back(batch.partition, keys.clone(), batch.span.clone());
+        ctx.wait(read.into_actor(self).map(move |rows, act, ctx| {
+            if act.halted {
+                let _ = reply.send(Err(Refused::Halted));
+                return;
+            }
+            let rows = match rows {
+                Ok(rows) => rows,
+                Err(e) => {
+                    act.unstorable(&e);
+                    let _ = reply.send(Err(Refused::Halted));
+                    return;
+                }
+            };
+            let found: HashSet<&A::Key> = rows.iter().map(|row| &row.key).collect();
+            absent.extend(keys.into_iter().filter(|key| !found.contains(key)));
+            act.state.load_rows(batch.partition, rows);
+            let evicted_meanwhile = act.missing(&batch, &absent);
+            if evicted_meanwhile.is_empty() {
+                let _ = reply.send(act.apply(batch, ctx));
+            } else {
+                tracing::debug!(
+                    aggregate = A::NAME,
+                    partition = batch.partition,
+                    keys = evicted_meanwhile.len(),
+                    "keys evicted while their batch waited are read too"
+                );
+                act.read_then_apply(batch, evicted_meanwhile, absent, reply, ctx);
+            }
+        }));
     }
 }
 
@@ -685,8 +728,8 @@ impl<A: SinkTable, S: Store> Handler<Release> for AggregatorActor<A, S> {
 mod tests {
     use super::*;
     use crate::actors::supervisor::Supervised;
-    use crate::aggregate::fixtures::{created, snapshot};
-    use crate::aggregate::Products;
+    use crate::aggregate::fixtures::{created, snapshot, sold, streamed, streamed_to};
+    use crate::aggregate::{ProductSales, Products};
     use crate::restart::RestartPolicy;
     use crate::sink::MemoryStore;
     use std::sync::atomic::Ordering;
@@ -721,6 +764,22 @@ mod tests {
     /// A products aggregator over `store`, with its sink, as the pipeline
     /// starts them.
     fn start(store: &MemoryStore) -> Addr<AggregatorActor<Products, MemoryStore>> {
+        start_with(
+            store,
+            FlushConfig {
+                interval: Duration::from_secs(60),
+                max_rows: 1_000,
+                min_interval: Duration::ZERO,
+                held_rows: 1_000,
+            },
+        )
+    }
+
+    /// An aggregator of `A` over `store` flushing on `flush`.
+    fn start_with<A: SinkTable>(
+        store: &MemoryStore,
+        flush: FlushConfig,
+    ) -> Addr<AggregatorActor<A, MemoryStore>> {
         let (fatal, _) = tokio::sync::mpsc::unbounded_channel();
         let supervision = Supervision::new(fatal);
         let faults: Arc<FaultConfig> = Arc::default();
@@ -729,23 +788,17 @@ mod tests {
         let writer = supervision.start(
             &here,
             ActorKind::Sink,
-            "sink products".into(),
+            format!("sink {}", A::NAME),
             RestartPolicy::default_for(ActorKind::Sink),
-            move |_| SinkActor::<Products, MemoryStore>::new(sink.clone(), sink_faults.clone()),
+            move |_| SinkActor::<A, MemoryStore>::new(sink.clone(), sink_faults.clone()),
             || {},
         );
         let flushed = NoCommits.start().recipient();
-        let flush = FlushConfig {
-            interval: Duration::from_secs(60),
-            max_rows: 1_000,
-            min_interval: Duration::ZERO,
-            held_rows: 1_000,
-        };
         let (store, own) = (store.clone(), supervision.clone());
-        let aggregator: Supervised<AggregatorActor<Products, MemoryStore>> = supervision.start(
+        let aggregator: Supervised<AggregatorActor<A, MemoryStore>> = supervision.start(
             &here,
             ActorKind::Aggregator,
-            "aggregator products".into(),
+            format!("aggregator {}", A::NAME),
             RestartPolicy::default_for(ActorKind::Aggregator),
             move |_| {
                 AggregatorActor::new(
@@ -800,6 +853,107 @@ mod tests {
                 .collect();
             // Product 8 from the current lease's batch; nothing of product 7.
             assert_eq!(stored, [(8, 1)]);
+        });
+    }
+
+    /// Product sales of partition 0 at `offset`: one unit of each product.
+    fn sales(lease: Lease, offset: i64, products: &[i64]) -> ApplyChanges {
+        ApplyChanges {
+            changes: products
+                .iter()
+                .map(|&p| (offset, streamed(offset), sold(p)))
+                .collect(),
+            ..batch(lease, offset, 0)
+        }
+    }
+
+    /// Yields to the other tasks on this thread until `done`.
+    async fn until(mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// actix polls an actor's spawned futures once between a handler's
+    /// `ctx.wait` and the wait itself. A flush landing there evicts rows
+    /// the batch found held; they must be read back like any other, or the
+    /// key counts again from zero (the runtime test's rare under-count).
+    #[test]
+    fn a_key_evicted_while_its_batch_waits_for_a_read_is_read_back_too() {
+        actix::System::new().block_on(async {
+            let store = MemoryStore::default();
+            // Partition 0 streamed by an earlier owner: rows are read by key.
+            store
+                .write::<ProductSales>(&[], &[streamed_to(0, 0)])
+                .await
+                .unwrap();
+            let aggregator = start_with::<ProductSales>(
+                &store,
+                FlushConfig {
+                    interval: Duration::from_secs(60),
+                    // A's three keys start a flush; B0's and B1's do not.
+                    max_rows: 3,
+                    min_interval: Duration::ZERO,
+                    // A flush that lands evicts every written row.
+                    held_rows: 1,
+                },
+            );
+            let lease = aggregator
+                .send(Acquire {
+                    partitions: vec![0],
+                })
+                .await
+                .unwrap()
+                .unwrap()[0]
+                .lease;
+            let stored = store.writes();
+
+            // A sells products 1, 2 and 3, and starts a flush, held at the store.
+            let writes = store.hold_writes();
+            aggregator
+                .send(sales(lease, 1, &[1, 2, 3]))
+                .await
+                .unwrap()
+                .unwrap();
+            // B0 (product 4) waits for its read, and B1 (product 5) and B
+            // (products 1 and 6) queue behind it.
+            let loads = store.hold_loads();
+            let b0 = aggregator.send(sales(lease, 2, &[4]));
+            let b1 = aggregator.send(sales(lease, 3, &[5]));
+            let b = aggregator.send(sales(lease, 4, &[1, 6]));
+            until(|| store.loads_waiting() == 1).await;
+            // The flush lands while the aggregator waits, so nothing takes
+            // its outcome yet; yielding longer than needed changes nothing.
+            drop(writes);
+            until(|| store.writes() > stored).await;
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            // B0, B1 and B are now taken in one poll. B finds product 1 held
+            // (in the flush); B1's reply leaves the flush's watcher first in
+            // line for the poll between B's `ctx.wait` and the wait, where the
+            // flush ends and evicts product 1.
+            drop(loads);
+            for batch in [b0, b1, b] {
+                batch.await.unwrap().unwrap();
+            }
+
+            aggregator
+                .send(Release {
+                    partitions: vec![0],
+                    lost: false,
+                })
+                .await
+                .unwrap();
+            let mut units: Vec<(i64, i64)> = store
+                .rows::<ProductSales>()
+                .iter()
+                .map(|row| (row.key, row.value.units))
+                .collect();
+            units.sort_unstable();
+            assert_eq!(units, [(1, 2), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)]);
         });
     }
 }

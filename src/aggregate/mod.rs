@@ -19,9 +19,12 @@ mod state;
 /// Changes that unit tests across the crate feed to aggregates.
 #[cfg(test)]
 pub(crate) mod fixtures {
+    use std::sync::Arc;
+
     use rust_decimal::Decimal;
 
-    use crate::cdc::{Change, Op, Origin, Product, SnapshotId, TableChange};
+    use super::{Offset, Partition, PartitionMark, SourceMark};
+    use crate::cdc::{Change, Op, OrderItem, Origin, Position, Product, SnapshotId, TableChange};
 
     /// Product `id` created (a products dimension row).
     pub(crate) fn created(id: i64) -> TableChange {
@@ -43,6 +46,47 @@ pub(crate) mod fixtures {
             lsn: 1,
             started_ms: 1,
         })
+    }
+
+    /// An order line selling one unit of `product` at 2.50, created.
+    pub(crate) fn sold(product: i64) -> TableChange {
+        TableChange::OrderItem(Change {
+            op: Op::Create,
+            before: None,
+            after: Some(OrderItem {
+                id: product,
+                product_id: product,
+                quantity: 1,
+                unit_price: Decimal::new(250, 2),
+            }),
+        })
+    }
+
+    /// A streamed change at `offset`, its position growing with it.
+    pub(crate) fn streamed(offset: Offset) -> Origin {
+        Origin::Stream(Position {
+            commit: 10 + offset as u64,
+            lsn: 10 + offset as u64,
+        })
+    }
+
+    /// What is stored of `partition` after an owner streamed it up to
+    /// `offset`, below every [`streamed`] position: its rows are read
+    /// back by key as events touch them.
+    pub(crate) fn streamed_to(partition: Partition, offset: Offset) -> PartitionMark {
+        PartitionMark {
+            partition,
+            offset,
+            mark: SourceMark {
+                snapshot: SnapshotId {
+                    lsn: 1,
+                    started_ms: 1,
+                },
+                snapshot_offset: 0,
+                position: Position { commit: 1, lsn: 1 },
+                rows: Arc::new([]),
+            },
+        }
     }
 }
 

@@ -889,51 +889,15 @@ impl<A: Aggregate> AggregateState<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::fixtures::{created, snapshot};
+    use crate::aggregate::fixtures::{created, snapshot, sold, streamed, streamed_to};
     use crate::aggregate::{ProductSales, Products, SalesTotals};
-    use crate::cdc::{Change, Op, OrderItem};
     use rust_decimal::Decimal;
-
-    /// An order line selling one unit of `product`, created.
-    fn sold(product: i64) -> TableChange {
-        TableChange::OrderItem(Change {
-            op: Op::Create,
-            before: None,
-            after: Some(OrderItem {
-                id: product,
-                product_id: product,
-                quantity: 1,
-                unit_price: Decimal::new(250, 2),
-            }),
-        })
-    }
-
-    /// A streamed change at `offset`, its position growing with it.
-    fn streamed(offset: Offset) -> Origin {
-        Origin::Stream(Position {
-            commit: 10 + offset as u64,
-            lsn: 10 + offset as u64,
-        })
-    }
 
     /// Partition 0 as an earlier owner left it after streaming, up to
     /// offset 0: its rows are read back as events need them.
     fn streaming() -> AggregateState<ProductSales> {
         let mut state = AggregateState::<ProductSales>::default();
-        let stored = PartitionMark {
-            partition: 0,
-            offset: 0,
-            mark: SourceMark {
-                snapshot: SnapshotId {
-                    lsn: 1,
-                    started_ms: 1,
-                },
-                snapshot_offset: 0,
-                position: Position { commit: 1, lsn: 1 },
-                rows: Arc::new([]),
-            },
-        };
-        state.start(&stored, true);
+        state.start(&streamed_to(0, 0), true);
         state
     }
 
