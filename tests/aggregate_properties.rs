@@ -916,10 +916,13 @@ type OrderRow = StoredRow<(Minute, String), OrderTotals>;
 struct Stored {
     rows: HashMap<((Minute, String), i32), OrderRow>,
     marks: HashMap<i32, PartitionMark>,
+    /// The marks before the last write.
+    marks_before: HashMap<i32, PartitionMark>,
 }
 
 impl Stored {
     fn write(&mut self, rows: &[OrderRow], marks: &[PartitionMark]) {
+        self.marks_before = self.marks.clone();
         for row in rows {
             let key = (row.key.clone(), row.partition);
             if self
@@ -972,14 +975,16 @@ impl Stored {
 /// up to `batch` events of one partition, the keys not held read back
 /// first; a flush (rows, then marks; the commit moves to the watermarks)
 /// every `flush_every` batches, then an eviction. With `crash` = (batches,
-/// flushes the commit lags), the process dies after that many batches, and a
-/// new one starts from the store and replays from the commit.
+/// flushes the commit lags, marks lost), the process dies after that many
+/// batches, and a new one starts from the store and replays from the
+/// commit; with `marks lost`, it died between a flush's rows and its marks
+/// (when a flush came last), so the stored marks are one flush behind.
 fn run_bounded(
     events: &[Event],
     batch: usize,
     limit: usize,
     flush_every: usize,
-    crash: Option<(usize, usize)>,
+    crash: Option<(usize, usize, bool)>,
 ) -> (Stored, usize) {
     let mut stored = Stored::default();
     let mut state = AggregateState::<OrdersByMinute>::default();
@@ -1024,11 +1029,17 @@ fn run_bounded(
         if batches % flush_every == 0 {
             flush(&mut state, &mut stored, &mut commits);
         }
-        if let Some((at, lag)) = crash.filter(|_| !crashed) {
+        if let Some((at, mut lag, marks_lost)) = crash.filter(|_| !crashed) {
             if batches == at {
                 // The process dies; its unflushed changes with it. The next
                 // one replays every partition from its commit.
                 crashed = true;
+                if marks_lost && batches % flush_every == 0 {
+                    // Between the last flush's rows and its marks: it never
+                    // committed either.
+                    stored.marks = stored.marks_before.clone();
+                    lag = lag.max(1);
+                }
                 let commit = commits[commits.len() - 1 - lag.min(commits.len() - 1)].clone();
                 state = stored.assigned();
                 queue = events
@@ -1058,7 +1069,7 @@ proptest! {
         batch in 1usize..6,
         limit in 1usize..8,
         flush_every in 1usize..4,
-        crash in proptest::option::of((1usize..60, 0usize..3)),
+        crash in proptest::option::of((1usize..60, 0usize..3, any::<bool>())),
     ) {
         let (deliveries, table) = history(&steps);
         let sent = sent.index(deliveries.len() + 1);
@@ -1099,7 +1110,7 @@ fn a_small_bound_reads_rows_back_and_a_large_one_does_not() {
     let (large, no_reads) = run_bounded(&events, 4, 10_000, 1, None);
     assert_eq!(no_reads, 0);
     assert_eq!(large.totals(), group_by(&table));
-    let (small, reads) = run_bounded(&events, 4, 1, 1, Some((10, 1)));
+    let (small, reads) = run_bounded(&events, 4, 1, 1, Some((10, 1, false)));
     assert!(reads > 5, "{reads} reads with one row held");
     assert_eq!(small.totals(), group_by(&table));
 }

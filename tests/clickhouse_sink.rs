@@ -301,6 +301,8 @@ async fn partition_marks_round_trip_and_the_highest_offset_wins() {
             },
             rows: vec![offset, 1 << 40].into(),
         },
+        // Known for partition 0 only.
+        newest_minute: (partition == 0).then_some(Minute(1_795_505_400 + offset * 60)),
     };
     for marks in [
         vec![mark(0, 3)],
@@ -326,7 +328,8 @@ async fn partition_marks_round_trip_and_the_highest_offset_wins() {
 
 /// Tables written before the marks table: their marks are filled in from
 /// the rows, as loading every row made them (the highest offset; the
-/// greatest mark, with the source rows of every row at it), once.
+/// greatest mark, with the source rows of every row at it; the newest
+/// minute of a by-minute aggregate), once.
 #[tokio::test]
 #[ignore = "needs the real stack: run scripts/test"]
 async fn the_marks_of_an_older_release_are_filled_in_from_its_rows() {
@@ -373,6 +376,18 @@ async fn the_marks_of_an_older_release_are_filled_in_from_its_rows() {
         mark: SourceMark::default(),
     };
     sink.write::<Products>(&[products], &[]).await.unwrap();
+    let sales = StoredRow {
+        key: 7,
+        partition: 3,
+        value: SalesTotals {
+            units: 2,
+            revenue: Decimal::new(500, 2),
+            lines: 1,
+        },
+        offset: 6,
+        mark: at(30, vec![5]),
+    };
+    sink.write::<ProductSales>(&[sales], &[]).await.unwrap();
 
     sink.create_marks_table("sink_fill_in").await.unwrap();
     assert_eq!(
@@ -380,7 +395,11 @@ async fn the_marks_of_an_older_release_are_filled_in_from_its_rows() {
         Some(2)
     );
     assert_eq!(sink.fill_in_marks::<Products>().await.unwrap(), Some(1));
-    assert_eq!(sink.fill_in_marks::<ProductSales>().await.unwrap(), None);
+    assert_eq!(sink.fill_in_marks::<ProductSales>().await.unwrap(), Some(1));
+    assert_eq!(
+        sink.fill_in_marks::<CustomersByMinute>().await.unwrap(),
+        None
+    );
     // Once: now the table has its marks.
     assert_eq!(sink.fill_in_marks::<OrdersByMinute>().await.unwrap(), None);
 
@@ -391,13 +410,26 @@ async fn the_marks_of_an_older_release_are_filled_in_from_its_rows() {
     assert_eq!((marks[0].offset, marks[0].mark.position.commit), (12, 70));
     assert_eq!(zero, [2, 3]);
     assert_eq!(marks[0].mark.snapshot_offset, 4);
+    assert_eq!(marks[0].newest_minute, Some(Minute(180)));
     assert_eq!(
         marks[1],
         PartitionMark {
             partition: 1,
             offset: 5,
             mark: at(20, vec![4]),
+            newest_minute: Some(Minute(60)),
         }
+    );
+    // Not keyed by minute: any key may be stored.
+    let sales = sink.load_marks::<ProductSales>(&[3]).await.unwrap();
+    assert_eq!(
+        sales,
+        vec![PartitionMark {
+            partition: 3,
+            offset: 6,
+            mark: at(30, vec![5]),
+            newest_minute: None,
+        }]
     );
     let products = sink.load_marks::<Products>(&[2]).await.unwrap();
     assert_eq!(
@@ -406,6 +438,7 @@ async fn the_marks_of_an_older_release_are_filled_in_from_its_rows() {
             partition: 2,
             offset: 8,
             mark: SourceMark::default(),
+            newest_minute: None,
         }]
     );
 }

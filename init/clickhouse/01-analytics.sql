@@ -110,7 +110,10 @@ CREATE TABLE IF NOT EXISTS analytics.source_marks
     source_snapshot_offset UInt64,
     source_commit    UInt64,
     source_lsn       UInt64,
-    source_rows      Array(Int64)
+    source_rows      Array(Int64),
+    -- By-minute aggregates: the newest minute of any key stored from the
+    -- partition, as seconds since the epoch (NULL: unknown).
+    newest_minute    Nullable(Int64)
 )
 ENGINE = ReplacingMergeTree(source_offset)
 ORDER BY (aggregate, source_partition);

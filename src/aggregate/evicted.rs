@@ -1,9 +1,10 @@
-//! Which keys a partition evicted, when nothing else of it can be stored.
+//! Which keys a partition evicted.
 //!
-//! A partition that started with nothing stored (no mark) has in ClickHouse
-//! only what this process wrote and then evicted. A key never evicted is not
-//! stored, so it need not be read back: a workload that keeps making new keys
-//! (new products, new minutes) then reads nothing. Remembering every evicted
+//! Besides what earlier owners stored (see `Earlier` in the state), a
+//! partition has in ClickHouse only what this process wrote and then
+//! evicted. A key never evicted is not among that, so it need not be read
+//! back: a workload that keeps making new keys (new products, new minutes)
+//! then reads nothing. Remembering every evicted
 //! key would cost memory the eviction is there to save, so this is a Bloom
 //! filter: a key it says was evicted may not have been (about one in a
 //! hundred), which costs a read that finds nothing; a key it says was not
@@ -48,6 +49,10 @@ impl Evicted {
             filter.bits[(bit / 64) as usize] |= 1 << (bit % 64);
         }
         filter.keys += 1;
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.filters.is_empty()
     }
 
     /// False only for a key never inserted.

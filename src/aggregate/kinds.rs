@@ -54,6 +54,10 @@ impl Aggregate for OrdersByMinute {
     type Key = (Minute, String);
     type Value = OrderTotals;
 
+    fn key_minute((minute, _): &Self::Key) -> Option<Minute> {
+        Some(*minute)
+    }
+
     fn updates(change: &TableChange) -> Updates<Self::Key, Self::Value> {
         let TableChange::Order(c) = change else {
             return Updates::new();
@@ -105,6 +109,10 @@ impl Aggregate for CustomersByMinute {
     const SOURCE: Table = Table::Customers;
     type Key = Minute;
     type Value = CustomerTotals;
+
+    fn key_minute(minute: &Self::Key) -> Option<Minute> {
+        Some(*minute)
+    }
 
     fn updates(change: &TableChange) -> Updates<Self::Key, Self::Value> {
         let TableChange::Customer(c) = change else {

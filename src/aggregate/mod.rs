@@ -86,6 +86,7 @@ pub(crate) mod fixtures {
                 position: Position { commit: 1, lsn: 1 },
                 rows: Arc::new([]),
             },
+            newest_minute: None,
         }
     }
 }
@@ -101,7 +102,7 @@ use std::hash::Hash;
 
 use arrayvec::ArrayVec;
 
-use crate::cdc::{Table, TableChange};
+use crate::cdc::{Minute, Table, TableChange};
 
 /// A Kafka partition of the aggregate's source topic.
 pub type Partition = i32;
@@ -138,6 +139,13 @@ pub trait Aggregate: Unpin + 'static {
 
     /// The updates one change of `SOURCE` makes; none for other tables.
     fn updates(change: &TableChange) -> Updates<Self::Key, Self::Value>;
+
+    /// The minute a key is keyed by, for an aggregate keyed by time: a key
+    /// newer than every stored one was never stored, so the current
+    /// minutes' new keys are not read back.
+    fn key_minute(_key: &Self::Key) -> Option<Minute> {
+        None
+    }
 }
 
 /// A value the aggregate state can hold.

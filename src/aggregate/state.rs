@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::evicted::Evicted;
 use super::{Aggregate, Measure, Offset, Partition};
-use crate::cdc::{Origin, Position, SnapshotId, TableChange};
+use crate::cdc::{Minute, Origin, Position, SnapshotId, TableChange};
 
 #[derive(Debug, Clone)]
 struct Entry<V> {
@@ -93,6 +93,10 @@ pub struct PartitionMark {
     pub partition: Partition,
     pub offset: Offset,
     pub mark: SourceMark,
+    /// For an aggregate keyed by minute, the newest minute of any key
+    /// stored from the partition: a key past it was never stored, so it is
+    /// not read back. None: unknown, any key may be stored.
+    pub newest_minute: Option<Minute>,
 }
 
 impl PartitionMark {
@@ -131,12 +135,14 @@ struct PartitionState<K, V> {
     /// The keys of the rows changed since they were last written, so that a
     /// flush costs what changed, not what is held.
     dirty: Vec<K>,
-    /// Rows of the partition were stored before this process held it: a
-    /// key not held may be among them, so it is read back before an event
-    /// touches it.
-    partial: bool,
-    /// Otherwise, only the keys evicted since may be stored and not held.
+    /// Which keys earlier owners of the partition may have stored: those
+    /// not held are read back before an event touches them.
+    earlier: Earlier,
+    /// The keys this process evicted: stored, and no longer held.
     evicted: Evicted,
+    /// The newest minute of any key the partition's rows hold (stored or
+    /// not), if the aggregate is keyed by minute and it is known.
+    newest_minute: Option<Minute>,
     /// The highest offset handed to this state (applied, skipped, or without
     /// effect): what a flush makes safe to commit. None until an event came.
     watermark: Option<Offset>,
@@ -155,8 +161,9 @@ impl<K, V> Default for PartitionState<K, V> {
         PartitionState {
             rows: HashMap::default(),
             dirty: Vec::new(),
-            partial: false,
+            earlier: Earlier::Nothing,
             evicted: Evicted::default(),
+            newest_minute: None,
             watermark: None,
             loaded_to: None,
             snapshot: SnapshotId::default(),
@@ -165,6 +172,18 @@ impl<K, V> Default for PartitionState<K, V> {
             rows_at_position: Vec::new(),
         }
     }
+}
+
+/// What earlier owners of a partition may have stored, besides what this
+/// process holds or evicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Earlier {
+    /// Nothing, or all of it was loaded.
+    Nothing,
+    /// Keys up to this minute; a key keyed by a later one was never stored.
+    UpTo(Minute),
+    /// Any key.
+    Anything,
 }
 
 /// What the source guard makes of a change.
@@ -319,7 +338,11 @@ impl<K: Clone, V: Default> PartitionState<K, V> {
     fn start_snapshot(&mut self, snapshot: SnapshotId, offset: Offset, rebuild: bool) -> bool {
         let replaced = self.snapshot != SnapshotId::default();
         // Held whole until the first streamed change (see `evict`).
-        debug_assert!(!self.partial, "a partition in its snapshot is held whole");
+        debug_assert_eq!(
+            self.earlier,
+            Earlier::Nothing,
+            "a partition in its snapshot is held whole"
+        );
         if rebuild {
             self.rows.clear();
             self.dirty.clear();
@@ -514,6 +537,7 @@ impl<A: Aggregate> AggregateState<A> {
             }
         }
         for (key, update) in A::updates(change) {
+            state.newest_minute = state.newest_minute.max(A::key_minute(&key));
             match state.rows.entry(key) {
                 Slot::Occupied(mut slot) => {
                     let last = slot.get().stamp.offset();
@@ -614,6 +638,10 @@ impl<A: Aggregate> AggregateState<A> {
             partition,
             offset: state.watermark?,
             mark: state.mark(),
+            newest_minute: match state.earlier {
+                Earlier::Anything => None,
+                Earlier::Nothing | Earlier::UpTo(_) => state.newest_minute,
+            },
         })
     }
 
@@ -686,6 +714,7 @@ impl<A: Aggregate> AggregateState<A> {
             self.latest_snapshot = self.latest_snapshot.max(row.mark.snapshot);
             let state = self.partitions.entry(row.partition).or_default();
             state.loaded_to = state.loaded_to.max(Some(row.offset));
+            state.newest_minute = state.newest_minute.max(A::key_minute(&row.key));
             let mark = &row.mark;
             match (mark.snapshot, mark.position).cmp(&(state.snapshot, state.position)) {
                 Ordering::Greater => {
@@ -716,7 +745,9 @@ impl<A: Aggregate> AggregateState<A> {
     /// Begins holding `partition` from what is stored of it as a whole:
     /// events up to `stored.offset` were handled by an earlier owner (a
     /// replay), and the source guard starts from its mark. `partial`: its
-    /// rows are not loaded with it, but read back as events need them.
+    /// rows are not loaded with it, but read back as events need them (for
+    /// an aggregate keyed by minute, only keys up to the newest minute
+    /// stored).
     pub fn start(&mut self, stored: &PartitionMark, partial: bool) {
         self.latest_snapshot = self.latest_snapshot.max(stored.mark.snapshot);
         let state = self.partitions.entry(stored.partition).or_default();
@@ -726,7 +757,12 @@ impl<A: Aggregate> AggregateState<A> {
         state.snapshot_offset = mark.snapshot_offset;
         state.position = mark.position;
         state.rows_at_position = mark.rows.to_vec();
-        state.partial = partial;
+        state.newest_minute = state.newest_minute.max(stored.newest_minute);
+        state.earlier = match stored.newest_minute {
+            _ if !partial => Earlier::Nothing,
+            Some(newest) => Earlier::UpTo(newest),
+            None => Earlier::Anything,
+        };
     }
 
     /// The keys `changes` (offset, origin, change) touch in `partition` that
@@ -742,9 +778,15 @@ impl<A: Aggregate> AggregateState<A> {
         let Some(state) = self.partitions.get(&partition) else {
             return Vec::new();
         };
-        if !A::KEEPS_STORED_ROWS {
+        if !A::KEEPS_STORED_ROWS || (state.earlier == Earlier::Nothing && state.evicted.is_empty())
+        {
             return Vec::new();
         }
+        let earlier_stored = |key: &A::Key| match state.earlier {
+            Earlier::Nothing => false,
+            Earlier::UpTo(newest) => A::key_minute(key).is_none_or(|minute| minute <= newest),
+            Earlier::Anything => true,
+        };
         let covered = |offset: Offset, origin: Origin| {
             self.guards().position
                 && matches!(origin, Origin::Stream(_))
@@ -757,7 +799,7 @@ impl<A: Aggregate> AggregateState<A> {
                 continue;
             }
             for (key, _) in A::updates(change) {
-                let stored = state.partial || state.evicted.may_contain(&key);
+                let stored = earlier_stored(&key) || state.evicted.may_contain(&key);
                 if stored && !state.rows.contains_key(&key) {
                     missing.insert(key);
                 }
@@ -777,6 +819,7 @@ impl<A: Aggregate> AggregateState<A> {
         let state = self.partitions.entry(partition).or_default();
         for row in rows {
             debug_assert_eq!(row.partition, partition);
+            state.newest_minute = state.newest_minute.max(A::key_minute(&row.key));
             if let Slot::Vacant(slot) = state.rows.entry(row.key) {
                 slot.insert(Entry {
                     value: row.value,
@@ -831,7 +874,6 @@ impl<A: Aggregate> AggregateState<A> {
             let mut at_cutoff = quota - below;
             let PartitionState {
                 rows,
-                partial,
                 evicted: gone,
                 ..
             } = state;
@@ -843,7 +885,7 @@ impl<A: Aggregate> AggregateState<A> {
                             at_cutoff -= 1;
                             true
                         }));
-                if evict && !*partial {
+                if evict {
                     gone.insert(key);
                 }
                 !evict
@@ -890,7 +932,7 @@ impl<A: Aggregate> AggregateState<A> {
 mod tests {
     use super::*;
     use crate::aggregate::fixtures::{created, snapshot, sold, streamed, streamed_to};
-    use crate::aggregate::{ProductSales, Products, SalesTotals};
+    use crate::aggregate::{OrdersByMinute, ProductSales, Products, SalesTotals};
     use rust_decimal::Decimal;
 
     /// Partition 0 as an earlier owner left it after streaming, up to
@@ -905,6 +947,60 @@ mod tests {
         let mut keys: Vec<i64> = state.partitions[&0].rows.keys().copied().collect();
         keys.sort_unstable();
         keys
+    }
+
+    /// An order placed in minute `minute` (seconds since the epoch).
+    fn placed(id: i64, minute: i64) -> TableChange {
+        use chrono::TimeZone;
+        TableChange::Order(crate::cdc::Change {
+            op: crate::cdc::Op::Create,
+            before: None,
+            after: Some(crate::cdc::Order {
+                id,
+                status: "paid".into(),
+                total_amount: Decimal::new(1000, 2),
+                created_at: chrono::Utc.timestamp_opt(minute, 0).unwrap(),
+            }),
+        })
+    }
+
+    #[test]
+    fn keys_newer_than_every_stored_minute_are_not_read_back_until_evicted() {
+        let mut state = AggregateState::<OrdersByMinute>::default();
+        let stored = PartitionMark {
+            newest_minute: Some(Minute(600)),
+            ..streamed_to(0, 0)
+        };
+        state.start(&stored, true);
+        let key = |minute| (Minute(minute), "paid".to_string());
+        let (old, current) = (placed(1, 540), placed(2, 660));
+        let touched = [(1, streamed(1), &old), (2, streamed(2), &current)];
+        // 09:00 may be stored; 11:00 is past the newest stored minute.
+        assert_eq!(state.missing(0, touched), [key(540)]);
+        state.load_rows(0, []);
+        state.apply(0, 1, streamed(1), &old).unwrap();
+        state.apply(0, 2, streamed(2), &current).unwrap();
+        // The mark takes the newest minute the rows now hold.
+        assert_eq!(
+            state.partition_mark(0).unwrap().newest_minute,
+            Some(Minute(660))
+        );
+
+        // Written and evicted, the current minute's key is stored: read back.
+        let rows = state.dirty_rows();
+        state.mark_flushed(&rows);
+        assert_eq!(state.evict(1), 2);
+        let again = placed(3, 660);
+        assert_eq!(state.missing(0, [(3, streamed(3), &again)]), [key(660)]);
+
+        // A mark that does not know its newest minute: every key is read.
+        let mut unknown = AggregateState::<OrdersByMinute>::default();
+        unknown.start(&streamed_to(0, 0), true);
+        assert_eq!(unknown.missing(0, [(2, streamed(2), &current)]), [key(660)]);
+        assert_eq!(unknown.partition_mark(0), None);
+        unknown.load_rows(0, []);
+        unknown.apply(0, 2, streamed(2), &current).unwrap();
+        assert_eq!(unknown.partition_mark(0).unwrap().newest_minute, None);
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub trait SinkTable: Aggregate {
     const KEY_COLUMNS: &'static str;
     /// A key's values for those columns, as SQL.
     fn key_values(key: &Self::Key) -> Result<String, SinkError>;
+    /// The DateTime column of [`Aggregate::key_minute`], if keyed by minute.
+    const MINUTE_COLUMN: Option<&'static str> = None;
 }
 
 /// Keys per read by key: a minute and a status take ~30 bytes of SQL, so
@@ -454,6 +456,7 @@ impl ClickHouseSink {
                     partition,
                     offset,
                     mark: SourceMark::default(),
+                    newest_minute: None,
                 })
                 .collect()
         };
@@ -475,18 +478,23 @@ impl ClickHouseSink {
     /// Each partition's mark as loading all of its rows made it: the highest
     /// offset of any row, and the greatest mark of any row, with the source
     /// rows of every row at exactly that mark (the rows' marks only grow from
-    /// flush to flush).
+    /// flush to flush), and the newest minute of any key.
     async fn marks_from_rows<A: SinkTable>(&self) -> Result<Vec<PartitionMark>, SinkError> {
         #[derive(Row, Deserialize)]
         struct Greatest {
             partition: u32,
             offset: u64,
             greatest: (u64, i64, u64, u64),
+            newest_minute: Option<i64>,
         }
+        let newest_minute = A::MINUTE_COLUMN.map_or_else(
+            || "CAST(NULL AS Nullable(Int64))".to_owned(),
+            |column| format!("toNullable(toInt64(max({column})))"),
+        );
         let sql = format!(
             "SELECT source_partition AS partition, max(source_offset) AS offset, \
-             max((source_snapshot, source_snapshot_ms, source_commit, source_lsn)) AS greatest \
-             FROM {} GROUP BY source_partition",
+             max((source_snapshot, source_snapshot_ms, source_commit, source_lsn)) AS greatest, \
+             {newest_minute} AS newest_minute FROM {} GROUP BY source_partition",
             A::NAME
         );
         let query = self.client.query(&sql);
@@ -518,6 +526,7 @@ impl ClickHouseSink {
                     (commit, lsn),
                     at.rows,
                 ),
+                newest_minute: g.newest_minute.map(Minute),
             });
         }
         Ok(marks)
@@ -536,6 +545,7 @@ struct MarkRow {
     source_commit: u64,
     source_lsn: u64,
     source_rows: Vec<i64>,
+    newest_minute: Option<i64>,
 }
 
 impl MarkRow {
@@ -558,6 +568,7 @@ impl MarkRow {
             source_commit,
             source_lsn,
             source_rows,
+            newest_minute: m.newest_minute.map(|Minute(seconds)| seconds),
         }
     }
 
@@ -571,6 +582,7 @@ impl MarkRow {
                 (self.source_commit, self.source_lsn),
                 self.source_rows,
             ),
+            newest_minute: self.newest_minute.map(Minute),
         }
     }
 }
@@ -683,6 +695,7 @@ pub struct OrdersByMinuteRow {
 impl SinkTable for OrdersByMinute {
     type Row = OrdersByMinuteRow;
     const KEY_COLUMNS: &'static str = "minute, status";
+    const MINUTE_COLUMN: Option<&'static str> = Some("minute");
     fn key_values((minute, status): &Self::Key) -> Result<String, SinkError> {
         Ok(format!(
             "{}, {}",
@@ -816,6 +829,7 @@ pub struct CustomersByMinuteRow {
 impl SinkTable for CustomersByMinute {
     type Row = CustomersByMinuteRow;
     const KEY_COLUMNS: &'static str = "minute";
+    const MINUTE_COLUMN: Option<&'static str> = Some("minute");
     fn key_values(minute: &Self::Key) -> Result<String, SinkError> {
         Ok(minute_to_datetime(Self::NAME, *minute)?.to_string())
     }

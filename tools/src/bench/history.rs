@@ -65,10 +65,15 @@ pub struct HistoryArgs {
     /// (12: about 12.6 million rows; 1 for a quick run).
     #[arg(long, default_value_t = 12)]
     pub months: u32,
-    /// Products with sales in the history (product_sales keys), and the
-    /// distinct products the synthetic order lines sell.
+    /// Products with sales in the history (product_sales keys).
     #[arg(long, default_value_t = 10_000)]
     pub products: u64,
+    /// The products current traffic sells (ids 1 to this), of `--products`:
+    /// the hot set. A processor that has run for a while holds it; the
+    /// warm-up reads it back, and the mock cluster's ~600,000 events cannot
+    /// warm up more than a few thousand (product, partition) rows.
+    #[arg(long, default_value_t = 1_000)]
+    pub hot_products: u64,
     /// Current traffic: synthetic events created now, read by both runs.
     /// These first ones are the warm-up: with a history, their keys (the
     /// products sold, above all) are read back from it as they come.
@@ -149,6 +154,11 @@ pub fn run(args: HistoryArgs, config: &Config) -> anyhow::Result<Vec<Verdict>> {
         args.months >= 1 && args.products >= 1 && args.events >= 1,
         "--months, --products and --events must be at least 1"
     );
+    anyhow::ensure!(
+        (1..=args.products).contains(&args.hot_products),
+        "--hot-products must be 1 to --products ({})",
+        args.products
+    );
     let timeout = Duration::from_secs(args.timeout_secs);
     let exe = match &args.processor {
         Some(path) => path.clone(),
@@ -181,7 +191,7 @@ pub fn run(args: HistoryArgs, config: &Config) -> anyhow::Result<Vec<Verdict>> {
         events: args.events + args.steady_events,
         schemas: Schemas::Off,
         partitions: PARTITIONS,
-        keys: args.products,
+        keys: args.hot_products,
         seed: 1,
         prefix: prefix.clone(),
         snapshot: false,
@@ -349,11 +359,13 @@ pub fn run(args: HistoryArgs, config: &Config) -> anyhow::Result<Vec<Verdict>> {
         written_in.as_secs_f64()
     );
     println!(
-        "current traffic: {} events created now (no snapshot, seed 1), {} of them the warm-up, \
+        "current traffic: {} events created now (no snapshot, seed 1) selling {} of the products, \
+         {} of them the warm-up, \
          the rest produced while the processor was stopped (SIGSTOP) and timed from SIGCONT; late \
          burst: {} events, orders and customers in {} old minutes (seed 2); 4 topics x \
          {PARTITIONS} partitions on the mock cluster, one cluster per run",
         thousands(args.events + args.steady_events),
+        thousands(args.hot_products),
         thousands(args.events),
         thousands(args.late_events),
         thousands(late_minutes.len() as u64)
@@ -708,15 +720,22 @@ async fn write_history(admin: &ClickHouseSink, db: &str, h: &History) -> anyhow:
         }
     }
     // Each aggregate's mark per partition, as a processor writes it after a
-    // flush: what the rows above hold. The products dimension has no rows
-    // here (it reads none back), and its mark is the same one.
+    // flush: what the rows above hold, and for the by-minute aggregates the
+    // history's last minute. The products dimension has no rows here (it
+    // reads none back), and its mark is the same one.
+    let last_minute = h.start + (h.minutes as i64 - 1) * 60;
     let marks: Vec<String> = etl::registry::names()
         .into_iter()
         .flat_map(|aggregate| {
+            let newest_minute = if aggregate.ends_with("_by_minute") {
+                last_minute.to_string()
+            } else {
+                "NULL".to_owned()
+            };
             (0..PARTITIONS).map(move |p| {
                 format!(
                     "('{aggregate}', {p}, 0, {HISTORY_SNAPSHOT_LSN}, {}, 0, {HISTORY_COMMIT}, \
-                     {HISTORY_LSN}, [])",
+                     {HISTORY_LSN}, [], {newest_minute})",
                     h.start * 1000
                 )
             })
@@ -725,8 +744,8 @@ async fn write_history(admin: &ClickHouseSink, db: &str, h: &History) -> anyhow:
     admin
         .client()
         .query(&format!(
-            "INSERT INTO {db}.source_marks (aggregate, source_partition, {mark_columns}) \
-             VALUES {}",
+            "INSERT INTO {db}.source_marks (aggregate, source_partition, {mark_columns}, \
+             newest_minute) VALUES {}",
             marks.join(", ")
         ))
         .execute()
