@@ -389,7 +389,7 @@ fn panics_are_restarted_and_replayed_exactly(kind: etl::restart::ActorKind) {
 }
 
 #[test]
-fn a_member_whose_release_misses_the_deadline_hands_its_partitions_over_as_lost() {
+fn a_member_whose_release_misses_the_deadline_hands_its_partitions_over_and_takes_the_next() {
     let _serial = one_at_a_time();
     let topics = preload(20_000, 4);
     let store = MemoryStore::default();
@@ -417,24 +417,26 @@ fn a_member_whose_release_misses_the_deadline_hands_its_partitions_over_as_lost(
         "{:?}",
         joined.elapsed()
     );
-    // Everything is stored by the second member alone: the first wrote
-    // nothing and committed nothing, so what it had counted is counted
-    // again from the start.
-    await_exact(&store, &topics, Duration::from_secs(60));
+    // The handover gives the stuck member half of each topic again, and it
+    // takes them within the deadline: its held flush steps aside for the
+    // load, which does not wait for it. Nothing of its own is stored yet.
+    await_until(
+        "the second member to store its half",
+        Duration::from_secs(30),
+        || store.writes() > 0,
+    );
     assert_eq!(stuck.writes(), 0);
-    // The handover gives the stuck member half of each topic again. It
-    // cannot load them (the load waits for its flush, which never lands),
-    // and its run ends at the load's deadline, which leaves the group to
-    // the second member: it owns every partition then, and commits each to
-    // its end.
+    // Once ClickHouse takes its writes again, the stuck member stores its
+    // half: its flush from before the handover lands late, and counts
+    // nothing twice (the second member's rows have the higher offsets).
+    drop(held);
+    await_exact(&store, &topics, Duration::from_secs(60));
     await_until("every partition committed", Duration::from_secs(40), || {
         topics.committed("deadline") == topics.ends
     });
+    assert!(stuck.writes() > 0);
+    assert_eq!(first.stop(), Outcome::Stopped);
     assert_eq!(second.stop(), Outcome::Stopped);
-    let said = first.failure();
-    assert!(said.contains("did not finish within 5s"), "{said}");
-    drop(held);
-    assert_eq!(stuck.writes(), 0);
     assert_eq!(differences(&store, &topics.expected), Vec::<String>::new());
 }
 

@@ -85,6 +85,9 @@ pub struct Acquired {
 pub struct Release {
     pub partitions: Vec<i32>,
     pub lost: bool,
+    /// The rebalance's deadline: past it nothing is committed, and the
+    /// partitions are forgotten without waiting for their flush.
+    pub deadline: Instant,
 }
 
 /// An aggregator's flush is stored: every record of each partition below
@@ -129,6 +132,11 @@ pub struct AggregatorActor<A: SinkTable, S: Store> {
     /// A spawned `Settled` is pending: it finishes whichever flush is in
     /// flight when it ends, so one is enough.
     watching: bool,
+    /// A due flush stepped aside for a load or a release: it starts when the
+    /// one in flight lands.
+    flush_on_landing: bool,
+    /// Loads and releases on their way here.
+    urgent: Urgent,
 }
 
 type Rows<A> = Arc<
@@ -155,6 +163,7 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
         flush: FlushConfig,
         flushed: Recipient<Flushed>,
         supervision: Supervision,
+        urgent: Urgent,
         faults: &Arc<FaultConfig>,
     ) -> Self {
         AggregatorActor {
@@ -176,19 +185,31 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
             batches_since_flush: Vec::new(),
             in_flight: None,
             watching: false,
+            flush_on_landing: false,
+            urgent,
         }
     }
 
     /// A flush is due (the timer, or `max_rows` keys updated). If the previous
     /// one is still being written, no batch is taken until it is done: so a
     /// slow or unreachable ClickHouse holds this aggregator, and through it
-    /// the partitions feeding it, instead of letting dirty rows pile up.
+    /// the partitions feeding it, instead of letting dirty rows pile up. A
+    /// load or a release (which have the rebalance's deadline) does not wait
+    /// behind it: the wait steps aside for them, and the flush starts when
+    /// the one in flight lands.
     fn flush(&mut self, ctx: &mut Context<Self>) {
         if self.halted {
             return;
         }
         if self.in_flight.is_some() {
-            ctx.wait(Settled.map(|(), act: &mut Self, ctx| act.start_flush(ctx)));
+            let urgent = self.urgent.clone();
+            ctx.wait(StepAside(urgent).map(|landed, act: &mut Self, ctx| {
+                if landed {
+                    act.start_flush(ctx);
+                } else {
+                    act.flush_on_landing = true;
+                }
+            }));
         } else {
             self.start_flush(ctx);
         }
@@ -235,7 +256,12 @@ impl<A: SinkTable, S: Store> AggregatorActor<A, S> {
         });
         if !self.watching {
             self.watching = true;
-            ctx.spawn(Settled.map(|(), act: &mut Self, _| act.watching = false));
+            ctx.spawn(Settled.map(|(), act: &mut Self, ctx| {
+                act.watching = false;
+                if std::mem::take(&mut act.flush_on_landing) && !act.halted {
+                    act.start_flush(ctx);
+                }
+            }));
         }
     }
 
@@ -378,8 +404,8 @@ enum WriteFailed {
 
 /// Resolves once no flush is in flight, finishing the one that was. Polled
 /// from `ctx.spawn` (a flush ends on its own) and from `ctx.wait` (whatever
-/// must not overlap a flush: the next flush, loading or releasing a
-/// partition); whichever sees the outcome first finishes the flush.
+/// must not overlap a flush: the next flush, releasing partitions);
+/// whichever sees the outcome first finishes the flush.
 struct Settled;
 
 impl<A: SinkTable, S: Store> ActorFuture<AggregatorActor<A, S>> for Settled {
@@ -400,6 +426,69 @@ impl<A: SinkTable, S: Store> ActorFuture<AggregatorActor<A, S>> for Settled {
         let flight = act.in_flight.take().expect("checked above");
         act.finish_flush(flight, result);
         Poll::Ready(())
+    }
+}
+
+/// Loads and releases on their way to an aggregator, counted by whoever
+/// sends them (the coordinator) until they are answered: a flush that
+/// holds the aggregator's mailbox steps aside while any is pending, since
+/// a rebalance waits for them and ClickHouse may take longer than it does.
+#[derive(Clone, Default)]
+pub struct Urgent(Arc<UrgentCount>);
+
+#[derive(Default)]
+struct UrgentCount {
+    pending: std::sync::atomic::AtomicUsize,
+    waker: futures::task::AtomicWaker,
+}
+
+/// One urgent message on its way, until dropped.
+pub struct UrgentGuard(Urgent);
+
+impl Urgent {
+    pub fn raise(&self) -> UrgentGuard {
+        self.0
+            .pending
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.waker.wake();
+        UrgentGuard(self.clone())
+    }
+
+    fn pending(&self, task: &std::task::Context<'_>) -> bool {
+        self.0.waker.register(task.waker());
+        self.0.pending.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+}
+
+impl Drop for UrgentGuard {
+    fn drop(&mut self) {
+        (self.0)
+            .0
+            .pending
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// [`Settled`], unless a load or a release is on its way first: resolves
+/// with whether the flight landed.
+struct StepAside(Urgent);
+
+impl<A: SinkTable, S: Store> ActorFuture<AggregatorActor<A, S>> for StepAside {
+    type Output = bool;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        act: &mut AggregatorActor<A, S>,
+        ctx: &mut Context<AggregatorActor<A, S>>,
+        task: &mut std::task::Context<'_>,
+    ) -> Poll<bool> {
+        if Pin::new(&mut Settled).poll(act, ctx, task).is_ready() {
+            return Poll::Ready(true);
+        }
+        if self.0.pending(task) {
+            return Poll::Ready(false);
+        }
+        Poll::Pending
     }
 }
 
@@ -593,10 +682,14 @@ impl<A: SinkTable, S: Store> Handler<Acquire> for AggregatorActor<A, S> {
     type Result = AtomicResponse<Self, Result<Vec<Acquired>, String>>;
 
     fn handle(&mut self, Acquire { partitions }: Acquire, _: &mut Self::Context) -> Self::Result {
-        // Until the rows are loaded, no batch of the partitions is taken; a
-        // flush in flight lands first, so the load reads what it wrote.
+        // Until the marks are loaded, no batch of the partitions is taken. A
+        // flush in flight is not waited for (it may take as long as
+        // ClickHouse does, and the load has the rebalance's deadline): if it
+        // lands after the load, the mark loaded is one flush behind its
+        // rows, which a replay from the commit walks again exactly, as after
+        // a crash between the rows and the marks.
         AtomicResponse::new(Box::pin(
-            Settled
+            actix::fut::ready(())
                 .then(|(), act: &mut Self, _| {
                     act.forget(&partitions);
                     let sink = act.sink.clone();
@@ -660,9 +753,15 @@ impl<A: SinkTable, S: Store> Handler<Release> for AggregatorActor<A, S> {
 
     fn handle(
         &mut self,
-        Release { partitions, lost }: Release,
+        Release {
+            partitions,
+            lost,
+            deadline,
+        }: Release,
         _: &mut Self::Context,
     ) -> Self::Result {
+        let within = deadline.saturating_duration_since(Instant::now());
+        let these = partitions.clone();
         // A flush in flight ends first (its commits included); then the
         // partitions' rows it did not cover are written, in one insert.
         AtomicResponse::new(Box::pin(
@@ -672,12 +771,12 @@ impl<A: SinkTable, S: Store> Handler<Release> for AggregatorActor<A, S> {
                     // own bounds, and their commits with them.
                     let written = !lost && !act.halted;
                     let rows = Arc::new(if written {
-                        act.state.dirty_rows_of(&partitions)
+                        act.state.dirty_rows_of(&these)
                     } else {
                         Vec::new()
                     });
                     let marks = if written {
-                        act.marks_of(partitions.iter().copied())
+                        act.marks_of(these.iter().copied())
                     } else {
                         Arc::default()
                     };
@@ -685,31 +784,45 @@ impl<A: SinkTable, S: Store> Handler<Release> for AggregatorActor<A, S> {
                         "flush",
                         aggregate = A::NAME,
                         rows = rows.len(),
-                        ?partitions,
+                        partitions = ?these,
                         lost
                     );
                     act.write(rows.clone(), marks, span)
                         .into_actor(act)
-                        .map(move |result, _, _| (partitions, rows, result))
+                        .map(move |result, _, _| (rows, result))
                 })
-                .map(move |(partitions, rows, result), act, _| {
-                    let flushed = match result {
-                        Ok(_) => !lost && !act.halted,
-                        Err(WriteFailed::Unstorable(e)) => {
+                // Past the deadline the partitions are someone else's: this
+                // aggregator stops waiting, so that it can take its next
+                // assignment. A write still under way may land later; it
+                // stores what it holds, which the next owner's replay
+                // counts on top of or supersedes (its offsets are lower).
+                .timeout(within)
+                .map(move |outcome, act, _| {
+                    let flushed = match outcome {
+                        Ok((rows, Ok(_))) => (!lost && !act.halted).then_some(rows),
+                        Ok((_, Err(WriteFailed::Unstorable(e)))) => {
                             act.unstorable(&e);
-                            false
+                            None
                         }
-                        Err(WriteFailed::SinkGone) => {
+                        Ok((_, Err(WriteFailed::SinkGone))) => {
                             tracing::warn!(
                                 aggregate = A::NAME,
                                 ?partitions,
                                 "flush on release failed; the next owner replays"
                             );
-                            false
+                            None
+                        }
+                        Err(()) => {
+                            tracing::warn!(
+                                aggregate = A::NAME,
+                                ?partitions,
+                                "the release's flush missed the rebalance deadline; the next owner replays"
+                            );
+                            None
                         }
                     };
                     let mut commits = Vec::new();
-                    if flushed {
+                    if let Some(rows) = flushed {
                         act.state.mark_flushed(&rows);
                         for &partition in &partitions {
                             if let Some(offset) = act.state.watermark(partition) {
@@ -780,6 +893,15 @@ mod tests {
         store: &MemoryStore,
         flush: FlushConfig,
     ) -> Addr<AggregatorActor<A, MemoryStore>> {
+        start_urgent(store, flush, Urgent::default())
+    }
+
+    /// The same, told of loads and releases through `urgent`.
+    fn start_urgent<A: SinkTable>(
+        store: &MemoryStore,
+        flush: FlushConfig,
+        urgent: Urgent,
+    ) -> Addr<AggregatorActor<A, MemoryStore>> {
         let (fatal, _) = tokio::sync::mpsc::unbounded_channel();
         let supervision = Supervision::new(fatal);
         let faults: Arc<FaultConfig> = Arc::default();
@@ -807,6 +929,7 @@ mod tests {
                     flush.clone(),
                     flushed.clone(),
                     own.clone(),
+                    urgent.clone(),
                     &faults,
                 )
             },
@@ -842,6 +965,7 @@ mod tests {
                 .send(Release {
                     partitions: vec![0],
                     lost: false,
+                    deadline: Instant::now() + Duration::from_secs(60),
                 })
                 .await
                 .unwrap();
@@ -944,6 +1068,7 @@ mod tests {
                 .send(Release {
                     partitions: vec![0],
                     lost: false,
+                    deadline: Instant::now() + Duration::from_secs(60),
                 })
                 .await
                 .unwrap();
@@ -954,6 +1079,57 @@ mod tests {
                 .collect();
             units.sort_unstable();
             assert_eq!(units, [(1, 2), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)]);
+        });
+    }
+
+    /// A flush due while another is being written holds the mailbox (the
+    /// batches wait for ClickHouse), but not a load: the rebalance waits
+    /// for it, and ClickHouse may take longer than the deadline.
+    #[test]
+    fn a_load_does_not_wait_behind_a_flush_held_by_clickhouse() {
+        actix::System::new().block_on(async {
+            let store = MemoryStore::default();
+            let urgent = Urgent::default();
+            let aggregator = start_urgent::<ProductSales>(
+                &store,
+                FlushConfig {
+                    interval: Duration::from_secs(60),
+                    max_rows: 1,
+                    min_interval: Duration::ZERO,
+                    held_rows: 1_000,
+                },
+                urgent.clone(),
+            );
+            let acquire = |partition| {
+                aggregator.send(Acquire {
+                    partitions: vec![partition],
+                })
+            };
+            let lease = acquire(0).await.unwrap().unwrap()[0].lease;
+            let writes = store.hold_writes();
+            // The first flush is held at the store; the second is due and
+            // waits for it, holding the mailbox.
+            aggregator
+                .send(sales(lease, 1, &[1]))
+                .await
+                .unwrap()
+                .unwrap();
+            aggregator
+                .send(sales(lease, 2, &[2]))
+                .await
+                .unwrap()
+                .unwrap();
+            until(|| store.writes_waiting() == 1).await;
+
+            let raised = urgent.raise();
+            let loaded = tokio::time::timeout(Duration::from_secs(5), acquire(1)).await;
+            drop(raised);
+            assert!(loaded.is_ok(), "the load waited behind the flush");
+            loaded.unwrap().unwrap().unwrap();
+
+            // The due flush starts once the held one lands.
+            drop(writes);
+            until(|| store.rows::<ProductSales>().len() == 2).await;
         });
     }
 }

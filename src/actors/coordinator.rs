@@ -31,7 +31,7 @@ use actix::prelude::*;
 use dashmap::DashMap;
 
 use super::aggregator::{
-    Acquire, Acquired, AggregatorActor, ApplyChanges, Flushed, Lease, Release,
+    Acquire, Acquired, AggregatorActor, ApplyChanges, Flushed, Lease, Release, Urgent,
 };
 use super::partition::{Drain, PartitionActor};
 use super::sink::SinkActor;
@@ -104,6 +104,8 @@ struct AggregatorHandle {
     mailbox: telemetry::Mailbox,
     acquire: Route<Acquire>,
     release: Route<Release>,
+    /// Raised while a load or a release is on its way to it.
+    urgent: Urgent,
 }
 
 pub struct Coordinator {
@@ -265,6 +267,7 @@ impl Coordinator {
             let mut attempt = 0;
             loop {
                 attempt += 1;
+                let _urgent = aggregator.urgent.raise();
                 let answer = match (aggregator.acquire)() {
                     Some(route) => route
                         .send(Acquire {
@@ -405,6 +408,9 @@ impl Handler<Rewound> for Coordinator {
 pub struct Revoke {
     pub partitions: Vec<(String, i32)>,
     pub lost: bool,
+    /// When the rebalance goes on without the answers: an aggregator still
+    /// writing then gives up (see [`Release::deadline`]).
+    pub deadline: Instant,
     pub released: Sender<Option<Released>>,
 }
 
@@ -419,6 +425,7 @@ impl Handler<Revoke> for Coordinator {
         let Revoke {
             partitions,
             lost,
+            deadline,
             released,
         } = revoke;
         let mut by_topic: HashMap<String, Vec<i32>> = HashMap::new();
@@ -443,11 +450,13 @@ impl Handler<Revoke> for Coordinator {
                     .map(|a| a.send(Drain));
                 futures::future::join_all(drains).await;
                 actors.iter().for_each(Supervised::stop);
+                let _urgent = aggregator.urgent.raise();
                 let commits = match (aggregator.release)() {
                     Some(route) => route
                         .send(Release {
                             partitions: numbers.clone(),
                             lost,
+                            deadline,
                         })
                         .await
                         .unwrap_or_default(),
@@ -540,6 +549,8 @@ impl<S: Store> Starter<'_, S> {
         let flushed = self.coordinator.clone().recipient();
         let supervision = self.wiring.supervision.clone();
         let rewinds = self.wiring.rewinds.clone();
+        let urgent = Urgent::default();
+        let own = urgent.clone();
         let aggregator: Supervised<AggregatorActor<A, S>> = self.wiring.supervision.start(
             self.arbiter,
             ActorKind::Aggregator,
@@ -552,6 +563,7 @@ impl<S: Store> Starter<'_, S> {
                     flush.clone(),
                     flushed.clone(),
                     supervision.clone(),
+                    own.clone(),
                     &faults,
                 )
             },
@@ -570,6 +582,7 @@ impl<S: Store> Starter<'_, S> {
             mailbox: aggregator.mailbox().clone(),
             acquire: aggregator.route(),
             release: aggregator.route(),
+            urgent,
         }
     }
 }

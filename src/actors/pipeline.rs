@@ -113,6 +113,7 @@ impl Downstream for Pipeline {
         let revoke = Revoke {
             partitions: partitions.to_vec(),
             lost,
+            deadline,
             released,
         };
         self.coordinator.do_send(revoke);
