@@ -444,13 +444,15 @@ impl Handler<Revoke> for Coordinator {
             };
             let released = released.clone();
             releases.push(async move {
+                // From the start: the partition actors drain into the
+                // aggregator, whose mailbox a flush may be holding.
+                let _urgent = aggregator.urgent.raise();
                 let drains = actors
                     .iter()
                     .filter_map(|a| a.addr())
                     .map(|a| a.send(Drain));
                 futures::future::join_all(drains).await;
                 actors.iter().for_each(Supervised::stop);
-                let _urgent = aggregator.urgent.raise();
                 let commits = match (aggregator.release)() {
                     Some(route) => route
                         .send(Release {
