@@ -1220,14 +1220,11 @@ impl Setup<'_> {
         // The phase under way and when it began: what a failure is told by.
         let mut phase = ("the first commit", started);
         let phases = (|| -> anyhow::Result<()> {
-            let first =
-                wait_first_commit(bootstrap, &group, &warm_ends, started, self.timeout, || {
-                    processor.alive()
-                })?;
+            let monitor = Monitor::new(bootstrap, &group, &warm_ends)?;
+            let first = monitor.first_commit(started, self.timeout, || processor.alive())?;
             report.first_commit = Some(first);
             report.rss_first_commit = Some(rss(pid)?.0);
             phase = ("the warm-up committed", Instant::now());
-            let monitor = Monitor::new(bootstrap, &group, &warm_ends)?;
             let warm = monitor.reached(&warm_ends, started, self.timeout, || processor.alive())?;
             report.warm_committed = Some(warm);
             // The steady part goes into the topics while the processor is
@@ -1323,6 +1320,36 @@ impl Monitor {
         })
     }
 
+    /// Waits until any partition has a commit past 0 (offset 0 is each
+    /// partition's tombstone, so a commit means a flush), reading every
+    /// `FIRST_COMMIT_POLL`; returns when, from `started`.
+    fn first_commit(
+        &self,
+        started: Instant,
+        timeout: Duration,
+        mut alive: impl FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Duration> {
+        loop {
+            alive()?;
+            if started.elapsed() > timeout {
+                bail!("no offset committed within {timeout:?}");
+            }
+            let committed = self
+                .consumer
+                .committed_offsets(self.partitions.clone(), Duration::from_secs(5));
+            if let Ok(committed) = committed {
+                let any = committed
+                    .elements()
+                    .iter()
+                    .any(|e| matches!(e.offset(), Offset::Offset(o) if o > 0));
+                if any {
+                    return Ok(started.elapsed());
+                }
+            }
+            std::thread::sleep(FIRST_COMMIT_POLL);
+        }
+    }
+
     /// Waits until every partition's commit is at or past its offset in
     /// `target`; returns when, from `started`.
     fn reached(
@@ -1357,44 +1384,6 @@ impl Monitor {
             }
             std::thread::sleep(COMMIT_POLL);
         }
-    }
-}
-
-/// Polls the group's committed offsets every 50 ms until any partition has
-/// one past 0 (offset 0 is each partition's tombstone, so a commit means a
-/// flush); returns when, from `started`.
-fn wait_first_commit(
-    bootstrap: &str,
-    group: &str,
-    ends: &Ends,
-    started: Instant,
-    timeout: Duration,
-    mut alive: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<Duration> {
-    let monitor: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for (topic, partition, _) in ends {
-        tpl.add_partition(topic, *partition);
-    }
-    loop {
-        alive()?;
-        if started.elapsed() > timeout {
-            bail!("no offset committed within {timeout:?}");
-        }
-        if let Ok(committed) = monitor.committed_offsets(tpl.clone(), Duration::from_secs(5)) {
-            let any = committed
-                .elements()
-                .iter()
-                .any(|e| matches!(e.offset(), Offset::Offset(o) if o > 0));
-            if any {
-                return Ok(started.elapsed());
-            }
-        }
-        std::thread::sleep(FIRST_COMMIT_POLL);
     }
 }
 
