@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future as _;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
@@ -438,7 +439,7 @@ pub struct Urgent(Arc<UrgentCount>);
 
 #[derive(Default)]
 struct UrgentCount {
-    pending: std::sync::atomic::AtomicUsize,
+    pending: AtomicUsize,
     waker: futures::task::AtomicWaker,
 }
 
@@ -447,25 +448,21 @@ pub struct UrgentGuard(Urgent);
 
 impl Urgent {
     pub fn raise(&self) -> UrgentGuard {
-        self.0
-            .pending
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.pending.fetch_add(1, Ordering::SeqCst);
         self.0.waker.wake();
         UrgentGuard(self.clone())
     }
 
     fn pending(&self, task: &std::task::Context<'_>) -> bool {
         self.0.waker.register(task.waker());
-        self.0.pending.load(std::sync::atomic::Ordering::SeqCst) > 0
+        self.0.pending.load(Ordering::SeqCst) > 0
     }
 }
 
 impl Drop for UrgentGuard {
     fn drop(&mut self) {
-        (self.0)
-            .0
-            .pending
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let Urgent(count) = &self.0;
+        count.pending.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -845,7 +842,6 @@ mod tests {
     use crate::aggregate::{ProductSales, Products};
     use crate::restart::RestartPolicy;
     use crate::sink::MemoryStore;
-    use std::sync::atomic::Ordering;
 
     fn batch(lease: Lease, offset: i64, id: i64) -> ApplyChanges {
         ApplyChanges {
