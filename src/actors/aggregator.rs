@@ -957,14 +957,7 @@ mod tests {
             assert!(counted() > before);
             aggregator.send(batch(new, 1, 8)).await.unwrap().unwrap();
 
-            let commits = aggregator
-                .send(Release {
-                    partitions: vec![0],
-                    lost: false,
-                    deadline: Instant::now() + Duration::from_secs(60),
-                })
-                .await
-                .unwrap();
+            let commits = release_partition_0(&aggregator).await;
             assert_eq!(commits, [(0, 2)]);
             let stored: Vec<(i64, i64)> = store
                 .rows::<Products>()
@@ -974,6 +967,21 @@ mod tests {
             // Product 8 from the current lease's batch; nothing of product 7.
             assert_eq!(stored, [(8, 1)]);
         });
+    }
+
+    /// Releases partition 0, written (not lost), well within its deadline;
+    /// answers with its commits.
+    async fn release_partition_0<A: SinkTable>(
+        aggregator: &Addr<AggregatorActor<A, MemoryStore>>,
+    ) -> Vec<(i32, i64)> {
+        aggregator
+            .send(Release {
+                partitions: vec![0],
+                lost: false,
+                deadline: Instant::now() + Duration::from_secs(60),
+            })
+            .await
+            .unwrap()
     }
 
     /// Product sales of partition 0 at `offset`: one unit of each product.
@@ -1060,14 +1068,7 @@ mod tests {
                 batch.await.unwrap().unwrap();
             }
 
-            aggregator
-                .send(Release {
-                    partitions: vec![0],
-                    lost: false,
-                    deadline: Instant::now() + Duration::from_secs(60),
-                })
-                .await
-                .unwrap();
+            release_partition_0(&aggregator).await;
             let mut units: Vec<(i64, i64)> = store
                 .rows::<ProductSales>()
                 .iter()
